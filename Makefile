@@ -1,0 +1,68 @@
+# answerfirst — every target works on a fresh machine: the venv is created on first use.
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+TORCH       ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+
+# Default outputs of the main job (`make distill export`); override on the command line.
+ARTIFACTS ?= artifacts
+STUDENT_OUT ?= $(ARTIFACTS)/student
+ONNX_OUT    ?= $(ARTIFACTS)/onnx
+GGUF_OUT    ?= $(ARTIFACTS)/gguf
+GGUF_QUANTS ?= f16,q8_0,q4_k_m
+# Real-use overrides for `make distill`: a teacher, a student and pairs of your own.
+TEACHER ?=
+STUDENT ?=
+DATA    ?=
+MODEL   ?= $(STUDENT_OUT)
+PYTEST_ARGS ?=
+
+.PHONY: help venv test distill export export-onnx export-gguf demo bench bench-quick lint clean
+
+help:
+	@echo "make distill export   # the main job: sample data -> teacher -> student -> ONNX + GGUF"
+	@echo "make test             # the test suite (what CI runs)"
+	@echo "make demo | bench | lint | clean"
+
+venv: $(STAMP)
+
+# torch goes in first and pinned (a constraint keeps every later install on it), then the package.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q "$(TORCH)"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[all,dev]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+distill: $(STAMP)
+	$(PY) -m answerfirst.cli distill-default --out $(STUDENT_OUT) --work $(ARTIFACTS)/work \
+		$(if $(TEACHER),--teacher $(TEACHER)) $(if $(STUDENT),--student $(STUDENT)) $(if $(DATA),--data $(DATA))
+
+export: export-onnx export-gguf
+
+export-onnx: $(STAMP)
+	$(PY) -m answerfirst.cli export onnx --model $(MODEL) --out $(ONNX_OUT)
+
+export-gguf: $(STAMP)
+	$(PY) -m answerfirst.cli export gguf --model $(MODEL) --out $(GGUF_OUT) --quant $(GGUF_QUANTS)
+
+demo: $(STAMP)
+	$(PY) -m answerfirst.cli demo --model $(MODEL)
+
+bench: $(STAMP)
+	$(PY) -m answerfirst.cli bench
+
+bench-quick: $(STAMP)
+	$(PY) -m answerfirst.cli bench --quick
+
+lint: $(STAMP)
+	$(PY) -m ruff check answerfirst tests
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

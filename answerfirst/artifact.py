@@ -1,0 +1,177 @@
+"""The `answerfirst.json` manifest that every checkpoint and export directory carries.
+
+It records what a runtime needs to score with the artifact and what a person needs to trust it:
+format version, the AFRL format (grades, their token ids and values, rubric, template pieces, max
+lengths), the source checkpoint and its hash, the export kind, and per-file variants with the
+parity measured against torch at export time.
+
+    {
+      "format_version": 1,
+      "kind": "checkpoint" | "onnx" | "gguf",
+      "format": {grades, values, rubric, max_doc_tokens, prompt_template, answer_end},
+      "grade_token_ids": [...],
+      "source": {"model": "...", "sha256": "..."},
+      "variants": [{"name", "file", "quantization", "parity": {..., "passed": bool}}],
+      "info": {...}            # free-form: training config, metrics, export settings
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from answerfirst.afrl import AFRLFormat, FormatError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "answerfirst.json"
+KINDS = ("checkpoint", "onnx", "gguf")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed, or disagrees with the files beside it."""
+
+
+@dataclass
+class Variant:
+    """One model file of an export (e.g. fp32 / int8 ONNX, F16 / Q8_0 GGUF) and its parity report."""
+
+    name: str
+    file: str
+    quantization: str
+    parity: dict[str, Any] | None = None
+
+    @property
+    def parity_passed(self) -> bool:
+        return bool(self.parity and self.parity.get("passed"))
+
+
+@dataclass
+class Manifest:
+    kind: str
+    format: AFRLFormat
+    grade_token_ids: tuple[int, ...]
+    source: dict[str, Any] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ManifestError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        self.grade_token_ids = tuple(int(i) for i in self.grade_token_ids)
+        if len(self.grade_token_ids) != len(self.format.grades):
+            raise ManifestError(
+                f"grade_token_ids: {len(self.grade_token_ids)} ids for {len(self.format.grades)} grades"
+            )
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ManifestError(f"variants: names must be unique, got {names}")
+
+    # -- variants ------------------------------------------------------------------------------
+
+    def variant(self, name: str | None) -> Variant:
+        """The named variant; by default the first (fastest-first order) whose parity passed."""
+        if not self.variants:
+            raise ManifestError(f"this {self.kind} manifest lists no variants")
+        if name is not None:
+            for v in self.variants:
+                if v.name == name:
+                    return v
+            raise ManifestError(f"no variant {name!r}; this export has {', '.join(v.name for v in self.variants)}")
+        for v in self.variants:
+            if v.parity_passed:
+                return v
+        raise ManifestError(
+            "no variant of this export passed its parity check "
+            f"({', '.join(v.name for v in self.variants)}); pick one explicitly with variant=..."
+        )
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "kind": self.kind,
+            "format": self.format.to_dict(),
+            "grade_token_ids": list(self.grade_token_ids),
+            "source": self.source,
+            "variants": [vars(v) for v in self.variants],
+            "info": self.info,
+        }
+
+    def write(self, directory: str | Path) -> Path:
+        """Write atomically (temp file + rename), so a crash never leaves half a manifest."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: expected a JSON object")
+        missing = {"format_version", "kind", "format", "grade_token_ids"} - data.keys()
+        if missing:
+            raise ManifestError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+        if data["format_version"] != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: format_version {data['format_version']} is not supported by this answerfirst "
+                f"(it reads version {FORMAT_VERSION}); re-export with this version"
+            )
+        try:
+            fmt = AFRLFormat.from_dict(data["format"])
+            variants = [Variant(**v) for v in data.get("variants", [])]
+            return cls(
+                kind=data["kind"],
+                format=fmt,
+                grade_token_ids=data["grade_token_ids"],
+                source=data.get("source", {}),
+                variants=variants,
+                info=data.get("info", {}),
+            )
+        except (FormatError, TypeError) as e:
+            raise ManifestError(f"{where}: {e}") from None
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Manifest:
+        """Read and validate: the JSON, its fields, and that every file it names exists."""
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{directory} has no {MANIFEST_NAME}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path} is not valid JSON: {e}") from None
+        manifest = cls.from_dict(data, where=str(path))
+        for v in manifest.variants:
+            if not (directory / v.file).is_file():
+                raise ManifestError(f"{path}: variant {v.name!r} names {v.file}, which is missing from {directory}")
+        if manifest.kind == "checkpoint" and not (directory / "config.json").is_file():
+            raise ManifestError(f"{path}: a checkpoint manifest, but {directory} has no config.json")
+        return manifest
+
+
+def has_manifest(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def checkpoint_hash(directory: str | Path) -> str:
+    """sha256 over a checkpoint's weight files (sorted by name): identifies the exact weights."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise ManifestError(f"{directory} holds no .safetensors or .bin weight files")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

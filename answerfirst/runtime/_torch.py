@@ -1,0 +1,133 @@
+"""Torch backend: a transformers causal LM, scored with one forward pass per batch of documents.
+
+Scoring never computes full-vocabulary logits: the decoder body (`model.model`) gives hidden states,
+the last real position of each row is gathered, and only the K grade rows of the output head are
+applied. Continuations are right-padded: with a causal mask a real token never sees the pads that
+come after it, so no attention mask is needed and padded rows stay exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from answerfirst.artifact import Manifest, ManifestError
+from answerfirst.runtime.api import ScorerConfig, bind_format
+
+logger = logging.getLogger(__name__)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Any, grade_ids: Sequence[int], pad_id: int, device: torch.device):
+        self.model = model
+        self.device = device
+        self.pad_id = pad_id
+        head = model.get_output_embeddings().weight  # (V, H)
+        self.grade_head = head[list(grade_ids)].detach().float().clone()  # (K, H)
+
+    @torch.inference_mode()
+    def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray:
+        lengths = torch.tensor([len(c) for c in continuations], device=self.device)
+        input_ids = torch.full((len(continuations), int(lengths.max())), self.pad_id, dtype=torch.long)
+        for row, ids in enumerate(continuations):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        input_ids = input_ids.to(self.device)  # (B, T) right-padded
+
+        past, offset = None, 0
+        if prefix_ids is not None:
+            past, offset = self._prefix_cache(prefix_ids, batch_size=len(continuations)), len(prefix_ids)
+        positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device).expand_as(input_ids)
+        hidden = self.model.model(
+            input_ids=input_ids, past_key_values=past, position_ids=positions, use_cache=past is not None
+        ).last_hidden_state  # (B, T, H)
+        last = hidden[torch.arange(len(continuations), device=self.device), lengths - 1]  # (B, H)
+        return (last.float() @ self.grade_head.T).cpu().numpy()  # (B, K) grade logits
+
+    def _prefix_cache(self, prefix_ids: Sequence[int], batch_size: int) -> Any:
+        """Run the prefix once and hand each of `batch_size` rows a view of its KV (no copies)."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=self.device)
+        prefix = self.model.model(input_ids=ids, use_cache=True).past_key_values
+        cache = DynamicCache(config=self.model.config)
+        for layer_idx, layer in enumerate(prefix.layers):
+            # (1, kv_heads, P, head_dim) -> (B, kv_heads, P, head_dim): an expand, not a copy
+            cache.update(
+                layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1), layer_idx
+            )
+        return cache
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy decoding with the KV cache; only the last position's logits each step."""
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
+        past = None
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            next_id = int(out.logits[0, -1].argmax())
+            yield next_id
+            ids = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
+
+
+def open_torch(
+    path: str,
+    manifest: Manifest | None,
+    device: str,
+    threads: int | None,
+    quantization: str | None,
+    config: ScorerConfig,
+) -> tuple[TorchBackend, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ManifestError(
+            f"could not load a tokenizer from {path!r} (not a checkpoint directory, and no hub is reachable "
+            f"to resolve it as a model id): {e}"
+        ) from None
+    prompts = bind_format(tokenizer, manifest, config, where=path)
+
+    kwargs: dict[str, Any] = {}
+    if quantization is not None:
+        kwargs["quantization_config"] = _bitsandbytes_config(quantization)
+        kwargs["device_map"] = device
+    else:
+        # fp32 on CPU (bf16 is several times slower on CPUs without bf16 units); bf16 on GPUs.
+        kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"could not load model weights from {path!r}: {e}") from None
+    if quantization is None:
+        model = model.to(device)
+    model.eval()
+    if model.config.vocab_size <= max(prompts.grade_ids):
+        raise ManifestError(f"{path}: grade token ids {list(prompts.grade_ids)} exceed the model's vocabulary")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
+    return TorchBackend(model, prompts.grade_ids, pad_id, torch.device(device)), prompts
+
+
+def _bitsandbytes_config(quantization: str) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f'quantization={quantization!r} needs bitsandbytes: pip install "answerfirst[quant]"'
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)

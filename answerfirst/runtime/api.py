@@ -1,0 +1,259 @@
+"""The embedding API: `load(path) -> Scorer`, `Scorer.score(query, docs)`, `score(query, doc_or_docs)`.
+
+A Scorer owns the AFRL prompt tokenizer (answerfirst.afrl) and one backend adapter, picked once at
+load. Every adapter answers the same two calls:
+
+    grade_logits(prefix_ids, continuations) -> (B, K) float array
+        prefix_ids: the shared rubric+query prefix whose KV the adapter computes once and reuses
+        for every continuation (doc + suffix); None when continuations are whole prompts.
+    generate(input_ids, max_new_tokens) -> Iterator[int]
+        greedy next-token ids after `input_ids`, using the adapter's KV cache.
+
+so tokenization, length bucketing, the score formula and explanation streaming live here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from answerfirst.afrl import FormatError, PromptTokenizer, Score, check_docs, check_text, scores_from_logits
+from answerfirst.artifact import Manifest, ManifestError, has_manifest
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "gguf")
+_KIND_TO_BACKEND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}
+DEFAULT_MODEL_ENV = "ANSWERFIRST_MODEL"
+DEFAULT_MODEL_PATH = "artifacts/student"
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Knobs beyond load()'s arguments. Each backend reads the ones that concern it.
+
+    batch_size: documents per forward pass (after sorting by length, so padding stays small).
+    reuse_prefix: compute the rubric+query prefix once per query (off only to measure its gain).
+    max_doc_tokens: override the artifact's document truncation length.
+    n_ctx, n_batch, flash_attn, kv_cache_type: llama.cpp context settings ("f32" KV for parity).
+    """
+
+    batch_size: int = 16
+    reuse_prefix: bool = True
+    max_doc_tokens: int | None = None
+    n_ctx: int = 8192
+    n_batch: int = 512
+    flash_attn: bool = False
+    kv_cache_type: str = "f16"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
+            raise ValueError(f"max_doc_tokens: must be >= 1, got {self.max_doc_tokens}")
+        if self.kv_cache_type not in ("f16", "f32", "q8_0"):
+            raise ValueError(f"kv_cache_type: one of f16, f32, q8_0; got {self.kv_cache_type!r}")
+
+
+class Backend(Protocol):
+    name: str
+
+    def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]: ...
+
+
+class Scorer:
+    """Scores (query, doc) pairs with one artifact on one backend; safe to share across threads."""
+
+    def __init__(self, backend: Backend, prompts: PromptTokenizer, config: ScorerConfig, manifest: Manifest | None):
+        self.backend = backend
+        self.prompts = prompts
+        self.config = config
+        self.manifest = manifest
+
+    @property
+    def grades(self) -> tuple[str, ...]:
+        return self.prompts.format.grades
+
+    def score(self, query: str, docs: Sequence[str]) -> list[Score]:
+        """One query, many documents: the prefix is tokenized and run once, then every document."""
+        prompts = self.prompts.prompts(query, docs)
+        if not prompts:
+            return []
+        prefix = prompts[0].prefix_ids
+        if self.config.reuse_prefix:
+            sequences = [p.continuation_ids for p in prompts]
+        else:
+            sequences = [p.input_ids for p in prompts]
+        logits = np.empty((len(prompts), len(self.grades)), dtype=np.float64)
+        # Sort by length so each batch pads to a near-equal length; scatter the results back.
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for start in range(0, len(order), self.config.batch_size):
+            batch = order[start : start + self.config.batch_size]
+            batch_logits = self.backend.grade_logits(
+                prefix if self.config.reuse_prefix else None, [sequences[i] for i in batch]
+            )
+            logits[batch] = batch_logits  # (b, K)
+        return scores_from_logits(logits, self.prompts.format.values, [p.truncated for p in prompts])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Score]:
+        """Any (query, doc) pairs: grouped by query so each prefix is computed once, order kept."""
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise FormatError(f"pairs must be a list of (query, doc) tuples, got {type(pairs).__name__}")
+        by_query: dict[str, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise FormatError(f"pairs[{i}] must be a (query, doc) tuple")
+            by_query.setdefault(check_text(pair[0], f"pairs[{i}] query"), []).append(i)
+        results: list[Score | None] = [None] * len(pairs)
+        for query, indices in by_query.items():
+            for i, s in zip(indices, self.score(query, [pairs[i][1] for i in indices]), strict=True):
+                results[i] = s
+        return results  # type: ignore[return-value]
+
+    def explain(self, query: str, doc: str, max_new_tokens: int = 128) -> Iterator[str]:
+        """Stream the explanation after the grade the model gives this pair (its argmax grade).
+
+        The grade token is fixed to the scored argmax and appended to the prompt; the text that
+        follows is generated greedily until end-of-turn or `max_new_tokens`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise FormatError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        grade = self.score(query, [doc])[0].grade
+        prompt = self.prompts.prompt(query, doc)
+        ids = [*prompt.input_ids, self.prompts.grade_ids[grade]]
+        return self.prompts.stream_explanation(self.backend.generate(ids, max_new_tokens))
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __repr__(self) -> str:
+        return f"Scorer(backend={self.backend.name!r}, grades={list(self.grades)})"
+
+
+# ------------------------------------------------------------------------------------------------
+# load
+# ------------------------------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike[str],
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    *,
+    quantization: str | None = None,
+    variant: str | None = None,
+    config: ScorerConfig | None = None,
+) -> Scorer:
+    """Open an artifact (student checkpoint, ONNX export, GGUF export, plain HF checkpoint dir or
+    hub id) and return a Scorer on the backend its manifest calls for (or the one named).
+
+    quantization: "8bit" | "4bit" loads a torch checkpoint through bitsandbytes.
+    variant: which file of an ONNX/GGUF export; default: the fastest one whose parity passed.
+    """
+    config = config or ScorerConfig()
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if quantization not in (None, "8bit", "4bit"):
+        raise ValueError(f"quantization must be '8bit', '4bit' or None; got {quantization!r}")
+
+    location = Path(path)
+    manifest = None
+    if location.is_dir() and has_manifest(location):
+        manifest = Manifest.read(location)
+        kind = manifest.kind
+    elif location.is_file() and location.suffix == ".gguf" or location.is_dir() and any(location.glob("*.gguf")):
+        kind = "gguf"
+    elif location.is_dir() and any(location.glob("*.onnx")):
+        raise ManifestError(f"{location} holds .onnx files but no answerfirst.json; export it with `answerfirst export onnx`")
+    elif location.exists() and not location.is_dir():
+        raise ManifestError(f"{location} is a file answerfirst cannot load (expected a directory or a .gguf file)")
+    else:
+        kind = "checkpoint"  # a checkpoint directory without manifest, or a hub id
+
+    chosen = _KIND_TO_BACKEND[kind] if backend == "auto" else backend
+    if chosen != _KIND_TO_BACKEND[kind]:
+        raise ValueError(f"{location} is a {kind} artifact; backend={backend!r} cannot load it (use backend='auto')")
+    if quantization is not None and chosen != "torch":
+        raise ValueError(f"quantization={quantization!r} applies to torch checkpoints; {kind} exports are quantized at export")
+    if variant is not None and chosen == "torch":
+        raise ValueError("variant= selects a file of an ONNX or GGUF export; a checkpoint has one")
+
+    if chosen == "torch":
+        from answerfirst.runtime._torch import open_torch
+
+        adapter, prompts = open_torch(str(path), manifest, device, threads, quantization, config)
+    elif chosen == "onnx":
+        from answerfirst.runtime._onnx import open_onnx
+
+        if device != "cpu":
+            logger.warning("the onnx backend runs on the CPU execution provider; device=%r ignored", device)
+        adapter, prompts = open_onnx(location, manifest, threads, variant, config)
+    else:
+        from answerfirst.runtime._llamacpp import open_gguf
+
+        adapter, prompts = open_gguf(location, manifest, threads, variant, config)
+    return Scorer(adapter, prompts, config, manifest)
+
+
+def bind_format(tokenizer: Any, manifest: Manifest | None, config: ScorerConfig, where: str) -> PromptTokenizer:
+    """The AFRL prompt tokenizer for an artifact: its manifest's format, else the default format
+    derived from the tokenizer's chat template; the manifest's grade ids must match the tokenizer."""
+    from answerfirst.afrl import AFRLFormat
+
+    if manifest is None:
+        fmt = AFRLFormat.from_chat_template(tokenizer)
+    else:
+        fmt = manifest.format
+    fmt = fmt.with_overrides(max_doc_tokens=config.max_doc_tokens)
+    prompts = PromptTokenizer(tokenizer, fmt)
+    if manifest is not None and prompts.grade_ids != manifest.grade_token_ids:
+        raise ManifestError(
+            f"{where}: the manifest's grade token ids {list(manifest.grade_token_ids)} do not match the "
+            f"tokenizer's {list(prompts.grade_ids)} for grades {list(fmt.grades)}; the manifest and "
+            "tokenizer come from different models"
+        )
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# score: the one-line embedding call
+# ------------------------------------------------------------------------------------------------
+
+_scorers: dict[str, Scorer] = {}
+_scorers_lock = threading.Lock()
+
+
+def score(query: str, doc_or_docs: str | Sequence[str], model: str | os.PathLike[str] | Scorer | None = None):
+    """Score one document (returns a Score) or a list of documents (returns a list of Score).
+
+    model: a Scorer, or a path / hub id opened once and cached; default $ANSWERFIRST_MODEL, else
+    artifacts/student (what `make distill` writes)."""
+    if isinstance(model, Scorer):
+        scorer = model
+    else:
+        key = str(model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL_PATH)
+        with _scorers_lock:
+            if key not in _scorers:
+                if model is None and not Path(key).exists():
+                    raise FileNotFoundError(
+                        f"no model given and {key} does not exist: run `make distill`, set "
+                        f"${DEFAULT_MODEL_ENV}, or pass model=PATH"
+                    )
+                _scorers[key] = load(key)
+            scorer = _scorers[key]
+    if isinstance(doc_or_docs, str):
+        return scorer.score(query, [doc_or_docs])[0]
+    return scorer.score(query, check_docs(doc_or_docs))

@@ -1,0 +1,199 @@
+"""Torch runtime: scores equal the full model's logits, prefix reuse and batching change nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import answerfirst
+from answerfirst.afrl import FormatError
+from answerfirst.artifact import ManifestError
+from answerfirst.runtime.api import ScorerConfig
+
+QUERY = "red running shoes"
+DOCS = [
+    "Lightweight red running shoes with a breathable mesh upper.",
+    "Over-ear wireless headphones, 30 hour battery.",
+    "Insulated stainless steel bottle, 750 ml, keeps drinks cold all day long while you run.",
+    "Red shoes.",
+    "Prix: 49,90 € — Größe 42 — couleur rouge — 速干 跑步鞋",
+]
+
+
+def reference_probs(checkpoint, scorer, query, docs):
+    """Ordinary forward over the whole prompt, full vocabulary at every position; no answerfirst runtime."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = []
+    for doc in docs:
+        ids = torch.tensor([scorer.prompts.prompt(query, doc).input_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]  # (V,)
+        out.append(torch.softmax(logits[list(scorer.prompts.grade_ids)].double(), dim=-1).numpy())
+    return np.array(out)
+
+
+def as_array(scores):
+    return np.array([s.probs for s in scores])
+
+
+def test_probs_equal_full_model_softmax_at_the_last_prompt_position(tiny_checkpoint, tiny_scorer):
+    scores = tiny_scorer.score(QUERY, DOCS)
+    expected = reference_probs(tiny_checkpoint, tiny_scorer, QUERY, DOCS)
+    np.testing.assert_allclose(as_array(scores), expected, atol=1e-5)
+    for s, p in zip(scores, expected, strict=True):
+        assert s.grade == int(p.argmax())
+        assert s.expected == pytest.approx(float(p @ np.arange(5)), abs=1e-5)
+    assert expected.max() - expected.min() > 0.05  # the distributions are informative, not uniform
+
+
+def test_prefix_reuse_equals_no_reuse(tiny_checkpoint, tiny_scorer):
+    no_reuse = answerfirst.load(tiny_checkpoint, config=ScorerConfig(reuse_prefix=False))
+    np.testing.assert_allclose(as_array(tiny_scorer.score(QUERY, DOCS)), as_array(no_reuse.score(QUERY, DOCS)), atol=1e-6)
+
+
+def test_batch_equals_one_at_a_time(tiny_checkpoint, tiny_scorer):
+    single = answerfirst.load(tiny_checkpoint, config=ScorerConfig(batch_size=1))
+    batched = as_array(tiny_scorer.score(QUERY, DOCS))
+    one_by_one = np.array([single.score(QUERY, [d])[0].probs for d in DOCS])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
+
+
+def test_score_pairs_keeps_order_across_queries(tiny_scorer):
+    pairs = [(QUERY, DOCS[0]), ("wireless headphones", DOCS[1]), (QUERY, DOCS[2])]
+    by_pairs = tiny_scorer.score_pairs(pairs)
+    expected = [
+        tiny_scorer.score(QUERY, [DOCS[0]])[0],
+        tiny_scorer.score("wireless headphones", [DOCS[1]])[0],
+        tiny_scorer.score(QUERY, [DOCS[2]])[0],
+    ]
+    np.testing.assert_allclose(as_array(by_pairs), as_array(expected), atol=1e-6)
+    assert [s.grade for s in by_pairs] == [s.grade for s in expected]
+
+
+def test_concurrent_calls_from_four_threads_are_identical(tiny_scorer):
+    expected = as_array(tiny_scorer.score(QUERY, DOCS))
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(5):
+                results.append(as_array(tiny_scorer.score(QUERY, DOCS)))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 20
+    for r in results:
+        np.testing.assert_allclose(r, expected, atol=1e-6)
+
+
+def test_truncated_doc_is_reported(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint, config=ScorerConfig(max_doc_tokens=4))
+    scores = scorer.score(QUERY, [DOCS[2], "Red"])
+    assert [s.truncated for s in scores] == [True, False]
+
+
+def test_module_level_score_returns_one_or_a_list(tiny_checkpoint, tiny_scorer):
+    one = answerfirst.score(QUERY, DOCS[0], model=tiny_checkpoint)
+    many = answerfirst.score(QUERY, DOCS[:2], model=tiny_checkpoint)
+    assert isinstance(one, answerfirst.Score)
+    assert isinstance(many, list) and len(many) == 2
+    assert one == tiny_scorer.score(QUERY, DOCS[:1])[0]
+    np.testing.assert_allclose(many[0].probs, one.probs, atol=1e-6)
+    assert answerfirst.score(QUERY, [], model=tiny_scorer) == []
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 12])
+def test_explain_continues_right_after_the_grade(tiny_checkpoint, tiny_scorer, max_new_tokens):
+    """The explanation equals HF greedy generation from prompt + argmax grade token, cut at the
+    same max_new_tokens (end-of-turn handling is tested on real ids in test_afrl)."""
+    doc = DOCS[0]
+    grade = tiny_scorer.score(QUERY, [doc])[0].grade
+    text = "".join(tiny_scorer.explain(QUERY, doc, max_new_tokens=max_new_tokens))
+    ids = tiny_scorer.prompts.prompt(QUERY, doc).input_ids + [tiny_scorer.prompts.grade_ids[grade]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    stop = sorted(tiny_scorer.prompts.stop_ids)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop)
+    generated = [t for t in out[0, len(ids) :].tolist() if t not in stop]
+    assert 0 < len(generated) <= max_new_tokens
+    assert text == tiny_scorer.prompts.decode(generated).lstrip("\n")
+
+
+def test_explain_rejects_a_bad_length(tiny_scorer):
+    with pytest.raises(FormatError, match="max_new_tokens"):
+        list(tiny_scorer.explain(QUERY, DOCS[1], max_new_tokens=0))
+
+
+def test_bad_inputs_are_clear_errors(tiny_scorer):
+    with pytest.raises(FormatError, match="query is empty"):
+        tiny_scorer.score("  ", DOCS)
+    with pytest.raises(FormatError, match=r"docs\[1\] is empty"):
+        tiny_scorer.score(QUERY, ["fine", ""])
+    with pytest.raises(FormatError, match="docs must be a list of str, got str"):
+        tiny_scorer.score(QUERY, "a single string")
+    with pytest.raises(FormatError, match=r"docs\[0\] must be a str, got int"):
+        tiny_scorer.score(QUERY, [5])
+    with pytest.raises(FormatError, match=r"pairs\[0\] must be a \(query, doc\) tuple"):
+        tiny_scorer.score_pairs([("only one",)])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        answerfirst.load("x", backend="tensorflow")
+
+
+def test_manifest_problems_are_clear_errors(tiny_model_dir):
+    from answerfirst.artifact import MANIFEST_NAME, Manifest, checkpoint_hash
+    scorer = answerfirst.load(tiny_model_dir)
+    manifest = Manifest(
+        kind="checkpoint",
+        format=scorer.prompts.format,
+        grade_token_ids=scorer.prompts.grade_ids,
+        source={"model": "tiny", "sha256": checkpoint_hash(tiny_model_dir)},
+    )
+    manifest.write(tiny_model_dir)
+    assert answerfirst.load(tiny_model_dir).manifest.source["sha256"] == checkpoint_hash(tiny_model_dir)
+
+    path = tiny_model_dir / MANIFEST_NAME
+    data = json.loads(path.read_text())
+
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "grade_token_ids"}))
+    with pytest.raises(ManifestError, match="missing field.*grade_token_ids"):
+        answerfirst.load(tiny_model_dir)
+
+    path.write_text(json.dumps({**data, "grade_token_ids": [1, 2, 3, 4, 5]}))
+    with pytest.raises(ManifestError, match="grade token ids .* do not match"):
+        answerfirst.load(tiny_model_dir)
+
+    path.write_text(json.dumps({**data, "variants": [{"name": "x", "file": "gone.bin", "quantization": "fp32"}]}))
+    with pytest.raises(ManifestError, match="gone.bin, which is missing"):
+        answerfirst.load(tiny_model_dir)
+
+    path.write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        answerfirst.load(tiny_model_dir)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match="could not load a tokenizer"):
+        answerfirst.load(tmp_path / "nowhere")
+
+
+def test_bitsandbytes_8bit_scores_close_to_fp32(tiny_checkpoint, tiny_scorer):
+    pytest.importorskip("bitsandbytes")
+    q8 = answerfirst.load(tiny_checkpoint, quantization="8bit")
+    ref, got = as_array(tiny_scorer.score(QUERY, DOCS)), as_array(q8.score(QUERY, DOCS))
+    assert np.abs(ref - got).max() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(tiny_checkpoint, tiny_scorer):
+    gpu = answerfirst.load(tiny_checkpoint, device="cuda")
+    np.testing.assert_allclose(as_array(gpu.score(QUERY, DOCS)), as_array(tiny_scorer.score(QUERY, DOCS)), atol=2e-2)
