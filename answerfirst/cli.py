@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+_RUNTIME_VERBS = "answerfirst.cli"  # score and explain live below, in this module
+
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "label": ("answerfirst.distill.label", "label query/doc pairs with a teacher (grade distribution + trace)"),
@@ -20,8 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "rl": ("answerfirst.distill.rl", "refine a student with mode-balanced Stepwise-GRPO and elastic trust regions"),
     "distill-default": ("answerfirst.distill.pipeline", "the offline `make distill` run: sample data, teacher, student"),
     "export": ("answerfirst.export.cli", "export a student to ONNX (fp32 + int8) or GGUF (F16, Q8_0, K-quants)"),
-    "score": ("answerfirst.cli", "score documents for a query with any artifact"),
-    "explain": ("answerfirst.cli", "stream the explanation of one (query, document) pair"),
+    "score": (_RUNTIME_VERBS, "score documents for a query with any artifact"),
+    "explain": (_RUNTIME_VERBS, "stream the explanation of one (query, document) pair"),
     "bench": ("answerfirst.bench.runner", "latency benchmark of every backend against a naive baseline"),
     "demo": ("answerfirst.demo.app", "open the Gradio demo page"),
 }
@@ -36,7 +38,7 @@ def build_parser(verb: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in VERBS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == verb:
-            if module == __name__:
+            if module == _RUNTIME_VERBS:
                 add_arguments(sub, name)
             else:
                 importlib.import_module(module).add_arguments(sub)
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     module = VERBS[args.verb][0]
-    runner = run if module == __name__ else importlib.import_module(module).run
+    runner = run if module == _RUNTIME_VERBS else importlib.import_module(module).run
     try:
         return runner(args) or 0
     except KeyboardInterrupt:

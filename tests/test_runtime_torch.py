@@ -56,6 +56,15 @@ def test_prefix_reuse_equals_no_reuse(tiny_checkpoint, tiny_scorer):
     np.testing.assert_allclose(as_array(tiny_scorer.score(QUERY, DOCS)), as_array(no_reuse.score(QUERY, DOCS)), atol=1e-6)
 
 
+def test_prefix_runs_once_per_query_across_batches(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint, config=ScorerConfig(batch_size=2))
+    scorer.score(QUERY, DOCS)  # 5 docs -> 3 batches
+    assert scorer.backend.prefix_cache.misses == 1
+    scorer.score("another query", DOCS[:2])
+    scorer.score(QUERY, DOCS[:1])  # still cached (capacity 2)
+    assert scorer.backend.prefix_cache.misses == 2
+
+
 def test_batch_equals_one_at_a_time(tiny_checkpoint, tiny_scorer):
     single = answerfirst.load(tiny_checkpoint, config=ScorerConfig(batch_size=1))
     batched = as_array(tiny_scorer.score(QUERY, DOCS))

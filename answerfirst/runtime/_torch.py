@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from answerfirst.artifact import Manifest, ManifestError
-from answerfirst.runtime.api import ScorerConfig, bind_format
+from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class TorchBackend:
         self.pad_id = pad_id
         head = model.get_output_embeddings().weight  # (V, H)
         self.grade_head = head[list(grade_ids)].detach().float().clone()  # (K, H)
+        self.prefix_cache = PrefixCache()
 
     @torch.inference_mode()
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray:
@@ -50,18 +51,21 @@ class TorchBackend:
         return (last.float() @ self.grade_head.T).cpu().numpy()  # (B, K) grade logits
 
     def _prefix_cache(self, prefix_ids: Sequence[int], batch_size: int) -> Any:
-        """Run the prefix once and hand each of `batch_size` rows a view of its KV (no copies)."""
+        """The prefix's KV (run once per prefix, see PrefixCache), viewed by `batch_size` rows."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=self.device)
-        prefix = self.model.model(input_ids=ids, use_cache=True).past_key_values
+        prefix_kv = self.prefix_cache.get(prefix_ids, self._run_prefix)
         cache = DynamicCache(config=self.model.config)
-        for layer_idx, layer in enumerate(prefix.layers):
-            # (1, kv_heads, P, head_dim) -> (B, kv_heads, P, head_dim): an expand, not a copy
-            cache.update(
-                layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1), layer_idx
-            )
+        for layer_idx, (keys, values) in enumerate(prefix_kv):
+            # (1, kv_heads, P, head_dim) -> (B, kv_heads, P, head_dim): an expand, not a copy; the
+            # continuation's KV is concatenated into new tensors, so the cached prefix stays intact.
+            cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), layer_idx)
         return cache
+
+    def _run_prefix(self, prefix_ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
+        past = self.model.model(input_ids=ids, use_cache=True).past_key_values
+        return [(layer.keys, layer.values) for layer in past.layers]
 
     @torch.inference_mode()
     def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +69,36 @@ class Backend(Protocol):
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray: ...
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]: ...
+
+
+class PrefixCache:
+    """The KV state of the last few rubric+query prefixes, keyed by their token ids; thread-safe.
+
+    Scorer.score() hands the same prefix to every batch of a query, and explain() usually follows a
+    score() of the same query: with this cache an adapter runs each prefix once. States must be
+    read-only once stored (adapters continue from views or copies of them).
+    """
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self.misses = 0  # prefixes computed (tests and the benchmark read it)
+        self._states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, prefix_ids: Sequence[int], compute: Callable[[tuple[int, ...]], Any]) -> Any:
+        key = tuple(prefix_ids)
+        with self._lock:
+            if key in self._states:
+                self._states.move_to_end(key)
+                return self._states[key]
+        state = compute(key)  # outside the lock: other threads keep scoring meanwhile
+        with self._lock:
+            self.misses += 1
+            self._states[key] = state
+            self._states.move_to_end(key)
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+        return state
 
 
 class Scorer:
@@ -174,7 +205,7 @@ def load(
     if location.is_dir() and has_manifest(location):
         manifest = Manifest.read(location)
         kind = manifest.kind
-    elif location.is_file() and location.suffix == ".gguf" or location.is_dir() and any(location.glob("*.gguf")):
+    elif (location.is_file() and location.suffix == ".gguf") or (location.is_dir() and any(location.glob("*.gguf"))):
         kind = "gguf"
     elif location.is_dir() and any(location.glob("*.onnx")):
         raise ManifestError(f"{location} holds .onnx files but no answerfirst.json; export it with `answerfirst export onnx`")
