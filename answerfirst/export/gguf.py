@@ -1,0 +1,680 @@
+"""`answerfirst export gguf`: our own HF -> GGUF writer, llama.cpp K-quants, parity in the manifest.
+
+    student checkpoint (safetensors + tokenizer) --write_gguf--> student-f32|f16|q8_0.gguf
+                        F32 / F16 / Q8_0 written here, tensor by tensor (gguf.GGUFWriter, gguf.quants)
+    student-f32|f16.gguf --llama_model_quantize--> student-q4_k_m|q5_k_m.gguf  (llama.cpp's quantizer)
+    every variant --parity vs torch fp32--> answerfirst.json (kind "gguf", variants fastest first)
+
+What a GGUF file holds (written by `write_gguf`):
+- the Qwen3 hyper-parameters (`qwen3.*` keys),
+- the tensors, renamed by TENSOR_TABLE (one row per tensor kind; names from gguf's TENSOR_NAMES),
+- the tokenizer: byte-level BPE tokens, merges, token types, the "qwen2" pre-tokenizer, special ids,
+  and the chat template, so llama.cpp tokenizes exactly like the HF tokenizer,
+- `answerfirst.format` / `answerfirst.grade_token_ids`: the AFRL format, so a lone .gguf file still
+  scores with the right rubric and grades (llama.cpp ignores keys it does not know; its quantizer
+  copies them into the K-quant files).
+
+Resume: each file is written to `NAME.partial` and renamed when complete, and the manifest is
+rewritten after every step, so a rerun with the same checkpoint skips finished files (and parity
+reports already measured) instead of redoing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from answerfirst.afrl import AFRLFormat, PromptTokenizer
+from answerfirst.artifact import Manifest, ManifestError, Variant, checkpoint_hash, has_manifest
+from answerfirst.export.parity import ParityThresholds, log_report, parity_report
+from answerfirst.export.parity import probe_pairs as student_probe_pairs
+from answerfirst.offline import QWEN_SPLIT_PATTERN
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "qwen3"
+GGUF_PRE_TOKENIZER = "qwen2"  # llama.cpp's name for the Qwen2/Qwen3 split regex (QWEN_SPLIT_PATTERN)
+FILE_STEM = "student"
+FORMAT_KEY = "answerfirst.format"  # JSON of AFRLFormat.to_dict()
+GRADE_IDS_KEY = "answerfirst.grade_token_ids"
+
+
+class GGUFExportError(ValueError):
+    """The checkpoint cannot be written as a Qwen3 GGUF, or an export step failed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizations: how each is made and the parity it must meet (the stated tolerances)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quant:
+    """One GGUF variant: `direct` ones are written by this module, the others by llama.cpp's quantizer.
+
+    thresholds: what parity against torch fp32 must meet (scores with an F32 KV cache). F32 differs
+    from torch only by float summation order; F16 rounds weights to 11 bits; Q8_0 / K-quants move
+    probabilities further, so they are judged mostly on ranking (agreement, Spearman)."""
+
+    name: str
+    file_type: int  # gguf.LlamaFileType / llama_ftype value
+    direct: bool
+    thresholds: ParityThresholds
+
+
+QUANTS: dict[str, Quant] = {
+    # fastest first: this is the order of the manifest's variants (Manifest.variant picks the first passing)
+    "q4_k_m": Quant("q4_k_m", 15, False, ParityThresholds(max_abs_dp=0.15, min_agreement=0.75, min_spearman=0.8)),
+    "q5_k_m": Quant("q5_k_m", 17, False, ParityThresholds(max_abs_dp=0.10, min_agreement=0.8, min_spearman=0.85)),
+    "q8_0": Quant("q8_0", 7, True, ParityThresholds(max_abs_dp=0.03, min_agreement=0.9, min_spearman=0.9)),
+    "f16": Quant("f16", 1, True, ParityThresholds(max_abs_dp=5e-3, min_agreement=0.95, min_spearman=0.98)),
+    "f32": Quant("f32", 0, True, ParityThresholds(max_abs_dp=1e-3, min_agreement=1.0, min_spearman=0.999)),
+}
+DEFAULT_QUANTS = ("f16", "q8_0", "q4_k_m")
+PARITY_N_CTX = 4096  # KV cells for the parity run: the longest probe prompt times a small batch
+
+
+def parse_quants(quants: str | Sequence[str]) -> tuple[str, ...]:
+    names = [q.strip().lower() for q in (quants.split(",") if isinstance(quants, str) else quants) if q.strip()]
+    unknown = [q for q in names if q not in QUANTS]
+    if unknown or not names:
+        raise GGUFExportError(f"--quant: unknown or empty {unknown or names}; choose from {', '.join(QUANTS)}")
+    return tuple(q for q in QUANTS if q in names)  # fastest first, duplicates dropped
+
+
+def variant_file(quant: str) -> str:
+    return f"{FILE_STEM}-{quant}.gguf"
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor-name map: one row per tensor kind (HF name -> gguf MODEL_TENSOR)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    hf_name: str  # "{bid}" = block index
+    kind: str  # gguf.MODEL_TENSOR member name; the GGUF name is gguf.TENSOR_NAMES[kind] + ".weight"
+
+
+TENSOR_TABLE: tuple[TensorRow, ...] = (
+    TensorRow("model.embed_tokens.weight", "TOKEN_EMBD"),
+    TensorRow("model.norm.weight", "OUTPUT_NORM"),
+    TensorRow("lm_head.weight", "OUTPUT"),  # absent when the head is tied to the embeddings
+    TensorRow("model.layers.{bid}.input_layernorm.weight", "ATTN_NORM"),
+    TensorRow("model.layers.{bid}.self_attn.q_proj.weight", "ATTN_Q"),
+    TensorRow("model.layers.{bid}.self_attn.q_norm.weight", "ATTN_Q_NORM"),
+    TensorRow("model.layers.{bid}.self_attn.k_proj.weight", "ATTN_K"),
+    TensorRow("model.layers.{bid}.self_attn.k_norm.weight", "ATTN_K_NORM"),
+    TensorRow("model.layers.{bid}.self_attn.v_proj.weight", "ATTN_V"),
+    TensorRow("model.layers.{bid}.self_attn.o_proj.weight", "ATTN_OUT"),
+    TensorRow("model.layers.{bid}.post_attention_layernorm.weight", "FFN_NORM"),
+    TensorRow("model.layers.{bid}.mlp.gate_proj.weight", "FFN_GATE"),
+    TensorRow("model.layers.{bid}.mlp.up_proj.weight", "FFN_UP"),
+    TensorRow("model.layers.{bid}.mlp.down_proj.weight", "FFN_DOWN"),
+)
+
+
+def tensor_names(n_blocks: int, tied: bool) -> list[tuple[str, str]]:
+    """[(hf_name, gguf_name)] in writing order: the global tensors, then block 0, block 1, ..."""
+    import gguf
+
+    rows = [r for r in TENSOR_TABLE if not (r.kind == "OUTPUT" and tied)]
+    gguf_name = {r.kind: gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[r.kind]] + ".weight" for r in rows}
+    names = [(r.hf_name, gguf_name[r.kind]) for r in rows if "{bid}" not in r.hf_name]
+    for bid in range(n_blocks):
+        names += [(r.hf_name.format(bid=bid), gguf_name[r.kind].format(bid=bid)) for r in rows if "{bid}" in r.hf_name]
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the checkpoint: config, tokenizer, safetensors (streamed one tensor at a time)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Qwen3Params:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: Any, where: str) -> Qwen3Params:
+        if getattr(config, "model_type", None) != "qwen3":
+            raise GGUFExportError(
+                f"{where}: model_type {getattr(config, 'model_type', None)!r}; the GGUF exporter writes Qwen3 "
+                "students (model_type 'qwen3')"
+            )
+        if getattr(config, "use_sliding_window", False):
+            raise GGUFExportError(f"{where}: use_sliding_window=True is not supported by the Qwen3 GGUF writer")
+        if getattr(config, "attention_bias", False):
+            raise GGUFExportError(f"{where}: attention_bias=True has no place in a qwen3 GGUF")
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise GGUFExportError(f"{where}: rope_type {rope_type!r} (RoPE scaling) is not supported; only 'default'")
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+        if theta is None:
+            raise GGUFExportError(f"{where}: config has no rope_theta")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_hidden_layers=int(config.num_hidden_layers),
+            num_attention_heads=int(config.num_attention_heads),
+            num_key_value_heads=int(config.num_key_value_heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(config.max_position_embeddings),
+            rms_norm_eps=float(config.rms_norm_eps),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class SafetensorsCheckpoint:
+    """Name -> fp32 numpy array, read lazily from (possibly sharded) safetensors files."""
+
+    def __init__(self, model_dir: Path):
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: model_dir / file for name, file in weight_map.items()}
+        elif (model_dir / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            path = model_dir / "model.safetensors"
+            with safe_open(path, framework="pt") as f:
+                self.files = {name: path for name in f.keys()}
+        else:
+            raise GGUFExportError(
+                f"{model_dir} has no model.safetensors (or .index.json); save the checkpoint with safetensors"
+            )
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def load(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name).float().numpy()  # bf16 / f16 / f32 -> f32 (numpy has no bf16)
+
+
+def check_tokenizer(tokenizer: Any, where: str) -> dict[str, Any]:
+    """The tokenizer must be Qwen-style byte-level BPE, or llama.cpp's "qwen2" tokenizer would differ."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GGUFExportError(f"{where}: not a fast tokenizer; the GGUF writer needs tokenizer.json")
+    data = json.loads(backend.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"{where}: tokenizer model is {model.get('type')!r}; a Qwen GGUF needs byte-level BPE")
+    pre = data.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if regexes != [QWEN_SPLIT_PATTERN] or len(byte_level) != 1:
+        raise GGUFExportError(
+            f"{where}: the tokenizer's pre-tokenizer is not Qwen's (Split on the Qwen2 regex + ByteLevel); "
+            "llama.cpp's 'qwen2' pre-tokenizer would split text differently"
+        )
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# The writer
+# --------------------------------------------------------------------------------------------
+
+
+def _token_table(tokenizer: Any, data: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, token types) for ids 0..vocab_size-1; ids the tokenizer lacks become UNUSED pads."""
+    import gguf
+
+    if len(tokenizer) > vocab_size:
+        raise GGUFExportError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for token, i in data["model"]["vocab"].items():
+        tokens[i], types[i] = token, int(gguf.TokenType.NORMAL)
+    for added in data.get("added_tokens", []):
+        # Stored as raw text (llama.cpp matches added tokens on text, not on byte-level symbols).
+        kind = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        tokens[added["id"]], types[added["id"]] = added["content"], int(kind)
+    return tokens, types
+
+
+def _merges(data: dict[str, Any]) -> list[str]:
+    # tokenizers writes merges as ["a", "b"] pairs (new) or "a b" strings (old); GGUF stores "a b".
+    return [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+
+
+def _tensor_plan(params: Qwen3Params, checkpoint: SafetensorsCheckpoint, quant: str) -> list[tuple[str, str, Any]]:
+    """[(hf_name, gguf_name, ggml type)]: 1-D tensors (norms) stay F32; 2-D ones take the file's type,
+    Q8_0 falling back to F16 for rows that are not a multiple of its 32-value block."""
+    import gguf
+
+    tied = params.tie_word_embeddings or "lm_head.weight" not in checkpoint.names()
+    plan_names = tensor_names(params.num_hidden_layers, tied)
+    expected = {hf for hf, _ in plan_names}
+    unexpected = sorted(checkpoint.names() - expected - {"lm_head.weight"})
+    missing = sorted(expected - checkpoint.names())
+    if unexpected or missing:
+        raise GGUFExportError(
+            f"the checkpoint's tensors do not match a Qwen3 model: missing {missing[:5]}, unknown {unexpected[:5]}"
+        )
+    plan = []
+    for hf_name, gguf_name in plan_names:
+        shape = checkpoint.shape(hf_name)
+        if len(shape) == 1 or quant == "f32":
+            qtype = gguf.GGMLQuantizationType.F32
+        elif quant == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+        else:
+            qtype = gguf.GGMLQuantizationType.F16
+        plan.append((hf_name, gguf_name, qtype))
+    return plan
+
+
+def write_gguf(
+    model_dir: str | Path,
+    out_path: str | Path,
+    quant: str,
+    fmt: AFRLFormat,
+    grade_token_ids: Sequence[int],
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write the checkpoint in `model_dir` as one F32 / F16 / Q8_0 GGUF file (atomically).
+
+    Tensors are streamed: the header and tensor infos first, then each tensor is read from
+    safetensors, converted and written, so peak memory is one tensor, not the model."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    if quant not in QUANTS or not QUANTS[quant].direct:
+        raise GGUFExportError(f"write_gguf writes f32, f16 or q8_0; {quant!r} comes from llama.cpp's quantizer")
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    params = Qwen3Params.from_config(AutoConfig.from_pretrained(model_dir), str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = check_tokenizer(tokenizer, str(model_dir))
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    plan = _tensor_plan(params, checkpoint, quant)
+
+    partial = out_path.with_name(out_path.name + ".partial")
+    writer = gguf.GGUFWriter(partial, ARCHITECTURE)
+    try:
+        writer.add_name(model_dir.name)
+        writer.add_file_type(QUANTS[quant].file_type)
+        if quant == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        # Qwen3 hyper-parameters; key_length is needed because head_dim != hidden / heads in Qwen3-0.6B.
+        writer.add_context_length(params.max_position_embeddings)
+        writer.add_embedding_length(params.hidden_size)
+        writer.add_block_count(params.num_hidden_layers)
+        writer.add_feed_forward_length(params.intermediate_size)
+        writer.add_head_count(params.num_attention_heads)
+        writer.add_head_count_kv(params.num_key_value_heads)
+        writer.add_key_length(params.head_dim)
+        writer.add_value_length(params.head_dim)
+        writer.add_rope_freq_base(params.rope_theta)
+        writer.add_layer_norm_rms_eps(params.rms_norm_eps)
+        writer.add_vocab_size(params.vocab_size)
+        # The tokenizer: byte-level BPE ("gpt2" in llama.cpp) with Qwen's pre-tokenizer.
+        tokens, types = _token_table(tokenizer, data, params.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(_merges(data))
+        if tokenizer.eos_token_id is not None:
+            writer.add_eos_token_id(tokenizer.eos_token_id)
+            writer.add_eot_token_id(tokenizer.eos_token_id)
+        if tokenizer.pad_token_id is not None:
+            writer.add_pad_token_id(tokenizer.pad_token_id)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+        if bos is not None:
+            writer.add_bos_token_id(bos)
+        writer.add_add_bos_token(False)  # Qwen prompts start with <|im_start|>, never a BOS
+        if tokenizer.chat_template:
+            writer.add_chat_template(tokenizer.chat_template)
+        writer.add_string(FORMAT_KEY, json.dumps(fmt.to_dict(), ensure_ascii=False))
+        writer.add_array(GRADE_IDS_KEY, [int(i) for i in grade_token_ids])
+
+        for hf_name, gguf_name, qtype in plan:
+            shape = checkpoint.shape(hf_name)
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
+            if qtype == gguf.GGMLQuantizationType.F32:
+                nbytes = int(np.prod(shape)) * 4
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                nbytes = int(np.prod(shape)) * 2
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, (hf_name, _, qtype) in enumerate(plan, start=1):
+            weights = checkpoint.load(hf_name)  # (rows, cols) or (n,), f32
+            if qtype == gguf.GGMLQuantizationType.F16:
+                weights = weights.astype(np.float16)
+            elif qtype == gguf.GGMLQuantizationType.Q8_0:
+                weights = gguf.quants.quantize(weights, qtype)  # (rows, cols / 32 * 34) uint8 blocks
+            writer.write_tensor_data(weights)
+            if progress is not None:
+                progress(done, len(plan))
+        writer.close()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out_path)
+    return out_path
+
+
+def quantize_gguf(source: Path, out_path: Path, quant: str, threads: int | None = None) -> Path:
+    """A K-quant file from an F32/F16 GGUF by llama.cpp's own quantizer (llama_model_quantize).
+
+    K-quants work on 256-value super-blocks: tensors whose rows are not a multiple of 256 (tiny
+    models) get llama.cpp's fallback type for that tensor; the file still loads and scores."""
+    from answerfirst.runtime._llamacpp import import_llama_cpp, route_llama_logs
+
+    llama_cpp = import_llama_cpp()
+    route_llama_logs(llama_cpp)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant].file_type
+    params.nthread = threads or 0  # 0: all hardware threads
+    partial = out_path.with_name(out_path.name + ".partial")
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    if status != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise GGUFExportError(f"llama.cpp could not quantize {source.name} to {quant} (status {status}); see the log")
+    os.replace(partial, out_path)
+    return out_path
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    """{ggml type name: tensor count} of a GGUF file (shows K-quant fallbacks)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# export_gguf: files + parity + manifest, resumable
+# --------------------------------------------------------------------------------------------
+
+
+def _student_format(model_dir: Path) -> tuple[AFRLFormat, tuple[int, ...], Manifest | None, Any]:
+    """The student's AFRL format (its manifest's, else derived from its chat template) and grade ids."""
+    from transformers import AutoTokenizer
+
+    student = Manifest.read(model_dir) if has_manifest(model_dir) else None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fmt = student.format if student is not None else AFRLFormat.from_chat_template(tokenizer)
+    prompts = PromptTokenizer(tokenizer, fmt)
+    return fmt, prompts.grade_ids, student, tokenizer
+
+
+def _open_out_dir(out_dir: Path, source: dict[str, str], fmt: AFRLFormat, force: bool) -> Manifest | None:
+    """The previous manifest of an export of the same checkpoint and format (to resume), else None.
+    Refuses to overwrite an export of another checkpoint, or unrelated files, unless force."""
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        return None
+    if not out_dir.is_dir():
+        raise GGUFExportError(f"--out {out_dir} exists and is not a directory")
+    if has_manifest(out_dir):
+        try:
+            previous = Manifest.from_dict(json.loads((out_dir / "answerfirst.json").read_text()), str(out_dir))
+        except (ManifestError, json.JSONDecodeError):
+            previous = None
+        same = previous is not None and previous.kind == "gguf" and previous.source.get("sha256") == source["sha256"]
+        if same and previous.format == fmt:
+            return None if force else previous
+        if same:  # same weights, another rubric/grades: the files' embedded format is stale, rewrite them
+            logger.info("gguf: %s was exported with another AFRL format; rewriting it", out_dir)
+            force = True
+        if not force:
+            raise GGUFExportError(
+                f"--out {out_dir} holds an export of another checkpoint (or an unreadable answerfirst.json); "
+                "choose another --out or pass --force to overwrite it"
+            )
+    elif any(out_dir.iterdir()) and not force:
+        raise GGUFExportError(f"--out {out_dir} is not empty and has no answerfirst.json; choose an empty directory or --force")
+    for stale in out_dir.glob("*.gguf*"):
+        stale.unlink()
+    return None
+
+
+def export_gguf(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    quants: Sequence[str] | str = DEFAULT_QUANTS,
+    *,
+    probe_pairs: Sequence[tuple[str, str]] | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Manifest:
+    """Export a Qwen3 student checkpoint to GGUF files with a parity report each; returns the manifest.
+
+    quants: any of f32, f16, q8_0 (written directly), q4_k_m, q5_k_m (llama.cpp's quantizer, from
+    the F32 file when one is requested, else the F16 one, else a temporary F32 file).
+    probe_pairs: (query, doc) pairs for parity; default: the student's held-out probe pairs.
+    force: overwrite an --out that holds something else; by default a rerun resumes.
+    progress: show tqdm bars (the CLI); the library otherwise only logs."""
+    from answerfirst.runtime._llamacpp import import_llama_cpp
+
+    import_llama_cpp()  # fail before any work when the [gguf] extra is missing
+    _import_gguf()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise GGUFExportError(f"--model {model_dir} is not a checkpoint directory (no config.json)")
+    wanted = parse_quants(quants)
+    started = time.perf_counter()
+    fmt, grade_ids, student, tokenizer = _student_format(model_dir)
+    source = {"model": str(model_dir), "sha256": checkpoint_hash(model_dir)}
+    previous = _open_out_dir(out_dir, source, fmt, force)
+    for stale in [*out_dir.glob("*.partial"), *out_dir.glob("answerfirst-gguf-*")]:  # left by a killed run
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    done = {v.name: v for v in previous.variants} if previous else {}
+    pairs = list(probe_pairs) if probe_pairs is not None else student_probe_pairs(student)
+
+    tokenizer.save_pretrained(out_dir)  # the runtime tokenizes with exactly the student's tokenizer
+    manifest = Manifest(
+        kind="gguf",
+        format=fmt,
+        grade_token_ids=grade_ids,
+        source=source,
+        variants=[],
+        info={
+            "export": {"quants": list(wanted), "architecture": ARCHITECTURE, "complete": False},
+            "probe_pairs": [list(p) for p in pairs],
+        },
+    )
+
+    def save(variant: Variant) -> None:
+        manifest.variants = [v for v in manifest.variants if v.name != variant.name] + [variant]
+        manifest.variants.sort(key=lambda v: list(QUANTS).index(v.name))
+        manifest.write(out_dir)
+
+    manifest.write(out_dir)
+    # 1. direct files (F32 / F16 / Q8_0), and a temporary F32 source if K-quants need one
+    k_quants = [q for q in wanted if not QUANTS[q].direct]
+    source_quant = next((q for q in ("f32", "f16") if q in wanted), None)
+    temp_dir = None
+    k_source: Path | None = None
+    if k_quants and source_quant is None:
+        temp_dir = Path(tempfile.mkdtemp(prefix="answerfirst-gguf-", dir=out_dir))
+        k_source = temp_dir / variant_file("f32")
+    elif k_quants:
+        k_source = out_dir / variant_file(source_quant)
+    try:
+        to_write = [q for q in wanted if QUANTS[q].direct]
+        for quant in to_write:
+            path = out_dir / variant_file(quant)
+            if quant in done and path.is_file():
+                logger.info("gguf %s: %s already written, kept (resume)", quant, path.name)
+                save(Variant(quant, path.name, quant, done[quant].parity))
+                continue
+            logger.info("gguf %s: writing %s", quant, path.name)
+            with _progress_bar(progress, f"write {quant}") as bar:
+                write_gguf(model_dir, path, quant, fmt, grade_ids, progress=bar)
+            save(Variant(quant, path.name, quant, None))
+        if temp_dir is not None and any(q not in done for q in k_quants):
+            logger.info("gguf: writing a temporary F32 file as the K-quant source")
+            with _progress_bar(progress, "write f32 (temporary)") as bar:
+                write_gguf(model_dir, k_source, "f32", fmt, grade_ids, progress=bar)
+        # 2. K-quants by llama.cpp's quantizer
+        for quant in k_quants:
+            path = out_dir / variant_file(quant)
+            if quant in done and path.is_file():
+                logger.info("gguf %s: %s already written, kept (resume)", quant, path.name)
+                save(Variant(quant, path.name, quant, done[quant].parity))
+                continue
+            logger.info("gguf %s: quantizing %s -> %s with llama.cpp", quant, k_source.name, path.name)
+            quantize_gguf(k_source, path, quant, threads)
+            save(Variant(quant, path.name, quant, None))
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    # 3. parity of every variant against torch fp32 on the probe pairs
+    pending = [v for v in manifest.variants if v.parity is None]
+    if pending:
+        reference = _torch_scores(model_dir, pairs, threads)
+        for v in pending:
+            v.parity = _variant_parity(out_dir, manifest, v, pairs, reference, threads)
+            save(v)
+    manifest.info["export"].update(
+        complete=True,
+        k_quant_source=(source_quant or "f32 (temporary)") if k_quants else None,
+        tensor_types={v.name: gguf_tensor_types(out_dir / v.file) for v in manifest.variants},
+        parity_config={"kv_cache_type": "f32", "flash_attn": False, "n_ctx": PARITY_N_CTX},
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    manifest.write(out_dir)
+    return manifest
+
+
+def _torch_scores(model_dir: Path, pairs: list[tuple[str, str]], threads: int | None) -> list[Any]:
+    from answerfirst.runtime.api import load
+
+    reference = load(model_dir, backend="torch", threads=threads)
+    return reference.score_pairs(pairs)
+
+
+def _variant_parity(
+    out_dir: Path, manifest: Manifest, variant: Variant, pairs: list[tuple[str, str]], reference: list[Any], threads: int | None
+) -> dict[str, Any]:
+    """Score the probe pairs with this file (F32 KV cache, so only the weights differ from torch)."""
+    from answerfirst.runtime._llamacpp import open_gguf
+    from answerfirst.runtime.api import Scorer, ScorerConfig
+
+    config = ScorerConfig(kv_cache_type="f32", n_ctx=PARITY_N_CTX, batch_size=4)
+    adapter, prompts = open_gguf(out_dir, manifest, threads, variant.name, config)
+    try:
+        candidate = Scorer(adapter, prompts, config, manifest).score_pairs(pairs)
+    finally:
+        adapter.close()
+    report = parity_report(reference, candidate, QUANTS[variant.name].thresholds)
+    report["kv_cache_type"] = "f32"
+    log_report(f"gguf {variant.name}", report)
+    return report
+
+
+class _progress_bar:
+    """A tqdm bar fed by write_gguf's (done, total) callback; nothing when progress is off."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+
+        def update(done: int, total: int) -> None:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.desc, unit="tensor")
+            self.bar.update(done - self.bar.n)
+
+        return update
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError('the GGUF export needs the gguf package: pip install "answerfirst[gguf]"') from None
+    return gguf
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="student checkpoint directory (safetensors + tokenizer)")
+    parser.add_argument("--out", required=True, help="output directory (GGUF files + tokenizer + answerfirst.json)")
+    parser.add_argument(
+        "--quant",
+        default=",".join(DEFAULT_QUANTS),
+        help=f"comma-separated variants among {', '.join(QUANTS)} (default {','.join(DEFAULT_QUANTS)})",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="threads for quantization and parity")
+    parser.add_argument("--force", action="store_true", help="overwrite an --out that holds another export")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = export_gguf(
+        args.model, args.out, args.quant, threads=args.threads, force=args.force, progress=True
+    )
+    print(f"GGUF export of {args.model} -> {args.out} ({manifest.info['export']['seconds']} s)")
+    for v in manifest.variants:
+        size = (Path(args.out) / v.file).stat().st_size / 2**20
+        p = v.parity or {}
+        status = "PASSED" if v.parity_passed else "FAILED " + "; ".join(p.get("failures", []))
+        print(
+            f"  {v.name:7s} {v.file:24s} {size:9.1f} MiB  max|dp|={p.get('max_abs_dp', float('nan')):.2e} "
+            f"agreement={p.get('grade_agreement', float('nan')):.3f} spearman={p.get('spearman_expected', float('nan')):.4f}  {status}"
+        )
+    if not any(v.parity_passed for v in manifest.variants):
+        print("no variant passed parity; load one explicitly with variant=...")
+        return 1
+    return 0
+
+
+__all__ = ["QUANTS", "TENSOR_TABLE", "GGUFExportError", "export_gguf", "write_gguf", "quantize_gguf"]
