@@ -1,0 +1,811 @@
+"""`answerfirst train`: distil a student from teacher labels on accelerate.
+
+Reads top to bottom: config, data (teacher.jsonl -> examples -> padded batches), the model forward
+(grade logits at the first answer position + full-vocabulary logits only on the answer window),
+evaluation, checkpoints, the loop, the output checkpoint, the CLI.
+
+    L = α·τ²·KL(p_teacher^τ ‖ p_student^τ) + β·CE(trace) + γ·CE(gold grade)   (distill/objectives.py)
+
+The same code runs on CPU, one GPU (bf16 autocast) and many processes via `accelerate launch`:
+every rank takes a disjoint slice of each step's micro-batches, DDP averages the gradients.
+
+Pieces that distill/rl.py builds on (keep their signatures stable): `load_rows`, `split_rows`,
+`build_examples`, `collate`, `StudentHead` / `student_forward`, `evaluate`, `save_training_state` /
+`load_training_state`, `write_student`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from answerfirst.afrl import (
+    DEFAULT_MAX_TRACE_TOKENS,
+    FormatError,
+    PromptTokenizer,
+    TrainingExample,
+    grade_probs,
+)
+from answerfirst.artifact import Manifest, checkpoint_hash, has_manifest
+from answerfirst.distill.objectives import IGNORE_INDEX, LossWeights, distill_loss, first_token_kl
+from answerfirst.metrics import agreement, mean_ndcg_by_query, spearman
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "training_config.json"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "trainer_state.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; printed at start, saved as training_config.json and in the manifest.
+
+    alpha, beta, gamma, temperature: loss weights (see objectives.py); gamma needs gold labels.
+    lr, weight_decay, warmup_ratio, schedule ("cosine" | "linear" | "constant"), max_grad_norm.
+    epochs, max_steps (0 = epochs decide), batch_size (per process), grad_accum (micro-batches per step).
+    max_doc_tokens (None = the format's), max_trace_tokens: sequence limits.
+    eval_fraction: share of queries held out when the rows carry no "split" field.
+    eval_every, save_every, log_every: in optimizer steps (0 = only at the end).
+    keep_checkpoints: how many step checkpoints to keep on disk.
+    gradient_checkpointing: recompute activations in backward (for the 0.6B student on a GPU).
+    mixed_precision: "auto" (bf16 on GPU, none on CPU) | "no" | "bf16" | "fp16".
+    """
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.0
+    temperature: float = 1.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_doc_tokens: int | None = None
+    max_trace_tokens: int = DEFAULT_MAX_TRACE_TOKENS
+    eval_fraction: float = 0.1
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        def fail(name: str, what: str) -> None:
+            raise ValueError(f"TrainConfig.{name}: {what}, got {getattr(self, name)!r}")
+
+        self.loss_weights  # validates alpha, beta, gamma, temperature  # noqa: B018
+        if not self.lr > 0:
+            fail("lr", "must be > 0 (e.g. 5e-4 for a tiny model, 2e-5 for 0.6B)")
+        if self.weight_decay < 0:
+            fail("weight_decay", "must be >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", "must be in [0, 1)")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            fail("schedule", "must be cosine, linear or constant")
+        if not self.max_grad_norm > 0:
+            fail("max_grad_norm", "must be > 0")
+        if not self.epochs > 0:
+            fail("epochs", "must be > 0")
+        for name in ("max_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0 (0 = off / decided by epochs)")
+        for name in ("batch_size", "grad_accum", "max_trace_tokens", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
+            fail("max_doc_tokens", "must be >= 1 or None")
+        if not 0 < self.eval_fraction < 1:
+            fail("eval_fraction", "must be in (0, 1)")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            fail("mixed_precision", "must be auto, no, bf16 or fp16")
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        try:
+            return LossWeights(self.alpha, self.beta, self.gamma, self.temperature)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.{e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        return "\n".join(f"  {k:24s} {v}" for k, v in self.to_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: teacher.jsonl rows -> examples -> padded batches
+# ------------------------------------------------------------------------------------------------
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL of training rows; every problem names its line.
+
+    A row: {"id", "query", "doc"} plus either "teacher_probs" (K floats) and "trace" (distillation)
+    or "label" (gold grade index) and "reason"/"trace" (plain SFT, e.g. the sample teacher);
+    "label" and "split" ("train" | "heldout") are optional in distillation rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist (label pairs first: `answerfirst label`)")
+    rows, ids = [], set()
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}:{line_no}: not a UTF-8 JSON object ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object")
+            for key in ("id", "query", "doc"):
+                if key not in row:
+                    raise ValueError(f"{path}:{line_no}: missing field {key!r}")
+            if "teacher_probs" not in row and "label" not in row:
+                raise ValueError(f"{path}:{line_no}: a row needs 'teacher_probs' (teacher labels) or 'label' (gold)")
+            row_id = str(row["id"])
+            if row_id in ids:
+                raise ValueError(f"{path}:{line_no}: duplicate id {row_id!r}")
+            ids.add(row_id)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    has_teacher = {"teacher_probs" in r for r in rows}
+    if len(has_teacher) > 1:
+        raise ValueError(f"{path}: some rows have teacher_probs and some do not; label every row with one teacher")
+    return rows
+
+
+def split_rows(rows: Sequence[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) by query: rows' own "split" field when present, else a seeded hash of the
+    query text, so no held-out query is ever seen in training."""
+    if any("split" in r for r in rows):
+        train = [r for r in rows if r.get("split", "train") != "heldout"]
+        heldout = [r for r in rows if r.get("split", "train") == "heldout"]
+    else:
+        threshold = int(eval_fraction * 10_000)
+        bucket = lambda q: zlib.crc32(f"{seed}:{q}".encode()) % 10_000  # noqa: E731
+        train = [r for r in rows if bucket(r["query"]) >= threshold]
+        heldout = [r for r in rows if bucket(r["query"]) < threshold]
+    if not train:
+        raise ValueError("no training rows left after the held-out split; lower eval_fraction or add queries")
+    if not heldout:
+        logger.warning("the held-out split is empty (too few queries for eval_fraction); evaluating on train rows")
+        heldout = list(train)
+    return train, heldout
+
+
+@dataclass(frozen=True)
+class DistillExample:
+    """One training sequence plus what the loss and the metrics need.
+
+    example: input ids, grade position and trace labels (afrl.TrainingExample).
+    teacher_probs: (K,) teacher first-token distribution, or None (gold-only SFT).
+    gold: gold grade index or -100; query: groups rows for NDCG; id: the row id.
+    """
+
+    example: TrainingExample
+    teacher_probs: tuple[float, ...] | None
+    gold: int
+    query: str
+    id: str
+
+
+def build_examples(
+    prompts: PromptTokenizer, rows: Sequence[dict[str, Any]], max_trace_tokens: int = DEFAULT_MAX_TRACE_TOKENS
+) -> list[DistillExample]:
+    """Rows -> examples, every sequence built by afrl.PromptTokenizer. The answer starts with the
+    teacher's argmax grade (distillation) or the gold grade (SFT) and continues with its trace."""
+    k = len(prompts.grade_ids)
+    examples = []
+    for row in rows:
+        where = f"row id={row.get('id')!r}"
+        gold = _gold_index(row.get("label"), k, where)
+        teacher = row.get("teacher_probs")
+        if teacher is not None:
+            probs = np.asarray(teacher, dtype=np.float64)
+            if probs.shape != (k,) or not np.isfinite(probs).all() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-3:
+                raise ValueError(f"{where}: teacher_probs must be {k} non-negative numbers summing to 1, got {teacher!r}")
+            grade = int(probs.argmax())
+            teacher_probs: tuple[float, ...] | None = tuple(float(p) for p in probs / probs.sum())
+        else:
+            if gold == IGNORE_INDEX:
+                raise ValueError(f"{where}: no teacher_probs and no label; nothing to learn from")
+            grade, teacher_probs = gold, None
+        trace = row.get("trace", row.get("reason", "")) or ""
+        try:
+            example = prompts.training_example(row["query"], row["doc"], grade, str(trace), max_trace_tokens)
+        except FormatError as e:
+            raise ValueError(f"{where}: {e}") from None
+        examples.append(DistillExample(example, teacher_probs, gold, row["query"], str(row["id"])))
+    return examples
+
+
+def _gold_index(label: Any, k: int, where: str) -> int:
+    if label is None:
+        return IGNORE_INDEX
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label != int(label) or not 0 <= label < k:
+        raise ValueError(f"{where}: label must be a grade index 0..{k - 1}, got {label!r}")
+    return int(label)
+
+
+def collate(examples: Sequence[DistillExample], pad_id: int) -> dict[str, torch.Tensor | None]:
+    """Right-pad a batch. With a causal mask a real token never attends to the pads after it, so no
+    attention mask is needed and padded rows give exactly the unpadded logits.
+
+    input_ids (B, T); grade_pos (B,) the last prompt position; window_pos (B, A) positions
+    grade_pos+1 .. grade_pos+A (the grade token onwards: position t predicts token t+1), clamped
+    into the row; labels (B, A) the tokens at window_pos, -100 where unlabelled or past the row's end;
+    teacher_probs (B, K) or None; gold (B,).
+    """
+    if not examples:
+        raise ValueError("collate: empty batch")
+    seqs = [e.example.input_ids for e in examples]
+    max_len = max(len(s) for s in seqs)
+    answer_len = max(len(e.example.input_ids) - e.example.grade_pos - 1 for e in examples)
+    input_ids = torch.full((len(seqs), max_len), pad_id, dtype=torch.long)
+    window_pos = torch.zeros((len(seqs), answer_len), dtype=torch.long)
+    labels = torch.full((len(seqs), answer_len), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids, start = e.example.input_ids, e.example.grade_pos + 1
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        n = len(ids) - start
+        window_pos[row, :n] = torch.arange(start, len(ids))
+        window_pos[row, n:] = len(ids) - 1  # clamped; their labels stay -100
+        labels[row, :n] = torch.tensor(e.example.labels[start:], dtype=torch.long)
+    has_teacher = [e.teacher_probs is not None for e in examples]
+    if any(has_teacher) and not all(has_teacher):
+        raise ValueError("collate: a batch mixes rows with and without teacher_probs")
+    teacher = torch.tensor([e.teacher_probs for e in examples], dtype=torch.float32) if all(has_teacher) else None
+    return {
+        "input_ids": input_ids,
+        "grade_pos": torch.tensor([e.example.grade_pos for e in examples], dtype=torch.long),
+        "window_pos": window_pos,
+        "labels": labels,
+        "teacher_probs": teacher,
+        "gold": torch.tensor([e.gold for e in examples], dtype=torch.long),
+    }
+
+
+def batches_to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The model forward
+# ------------------------------------------------------------------------------------------------
+
+
+class StudentHead(torch.nn.Module):
+    """A causal LM seen through the AFRL losses: one decoder pass, then the output head only where a
+    loss reads it. At 0.6B with a 151k vocabulary, full logits at every prompt position would be
+    the largest tensor of the step; here they exist only on the answer window.
+
+    Wrapping the LM in a module (rather than calling its parts from the loop) keeps DDP's gradient
+    hooks on the path when accelerate wraps this module."""
+
+    def __init__(self, model: Any, grade_ids: Sequence[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("grade_ids", torch.tensor(list(grade_ids), dtype=torch.long), persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, grade_pos: torch.Tensor, window_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        head = self.model.get_output_embeddings()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        grade_hidden = hidden[rows, grade_pos]  # (B, H) the last prompt position
+        grade_logits = grade_hidden @ head.weight[self.grade_ids].T  # (B, K)
+        if head.bias is not None:
+            grade_logits = grade_logits + head.bias[self.grade_ids]
+        window_hidden = hidden.gather(1, window_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, A, H)
+        logits = head(window_hidden)  # (B, A, V) only on the answer window
+        return grade_logits, logits
+
+
+def student_forward(head: torch.nn.Module, batch: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grade_logits (B, K), logits (B, A, V)) for a collated batch; `objectives.trace_ce(logits,
+    batch["labels"])` is the trace CE (window position a predicts labels[:, a + 1])."""
+    return head(batch["input_ids"], batch["grade_pos"], batch["window_pos"])
+
+
+def batch_loss(
+    head: torch.nn.Module, batch: dict[str, torch.Tensor | None], weights: LossWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    grade_logits, logits = student_forward(head, batch)
+    teacher = batch["teacher_probs"]
+    return distill_loss(grade_logits, logits, batch["labels"], teacher, batch["gold"], weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_grade_logits(
+    head: torch.nn.Module, examples: Sequence[DistillExample], pad_id: int, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """(N, K) student grade logits for `examples`, in order (batched by length to pad little)."""
+    was_training = head.training
+    head.eval()
+    out = np.zeros((len(examples), len(_grade_ids(head))), dtype=np.float64)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].example.input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = batches_to_device(collate([examples[i] for i in idx], pad_id), device)
+        # Only the grade rows are needed: an empty window skips the full-vocabulary head.
+        grade_logits, _ = head(batch["input_ids"], batch["grade_pos"], batch["window_pos"][:, :0])
+        out[idx] = grade_logits.float().cpu().numpy()
+    head.train(was_training)
+    return out
+
+
+def _grade_ids(head: torch.nn.Module) -> torch.Tensor:
+    return getattr(head, "module", head).grade_ids
+
+
+def metrics_from_logits(
+    student_logits: np.ndarray, examples: Sequence[DistillExample], values: Sequence[float], temperature: float = 1.0
+) -> dict[str, float]:
+    """Held-out metrics from (N, K) student grade logits.
+
+    kl_to_teacher: mean KL(p_teacher ‖ p_student) at τ = `temperature` (without the τ² factor);
+    agreement_teacher: share of pairs whose argmax grade equals the teacher's; spearman_teacher:
+    rank correlation of expected grades; accuracy_gold: argmax vs gold grade; ndcg10_gold: mean
+    NDCG@10 per query with the expected grade as the ranking score and gold grades as gains."""
+    probs = grade_probs(student_logits)  # (N, K)
+    expected = probs @ np.asarray(values, dtype=np.float64)
+    metrics: dict[str, float] = {"pairs": float(len(examples))}
+    if examples and all(e.teacher_probs is not None for e in examples):
+        teacher = np.asarray([e.teacher_probs for e in examples], dtype=np.float64)
+        kl = first_token_kl(torch.from_numpy(student_logits), torch.from_numpy(teacher), temperature)
+        metrics["kl_to_teacher"] = float(kl) / temperature**2
+        metrics["agreement_teacher"] = agreement(probs.argmax(1).tolist(), teacher.argmax(1).tolist())
+        metrics["spearman_teacher"] = spearman(expected, teacher @ np.asarray(values, dtype=np.float64))
+    gold_rows = [i for i, e in enumerate(examples) if e.gold != IGNORE_INDEX]
+    if gold_rows:
+        gold = [examples[i].gold for i in gold_rows]
+        metrics["accuracy_gold"] = agreement(probs[gold_rows].argmax(1).tolist(), gold)
+        gold_values = [float(values[g]) for g in gold]
+        metrics["ndcg10_gold"] = mean_ndcg_by_query(
+            [examples[i].query for i in gold_rows], [float(expected[i]) for i in gold_rows], gold_values, k=10
+        )
+    return metrics
+
+
+def teacher_metrics(examples: Sequence[DistillExample], values: Sequence[float]) -> dict[str, float]:
+    """The same metrics for the teacher's own labels (its probs as the 'student'): the bar to reach."""
+    teacher = np.asarray([e.teacher_probs for e in examples], dtype=np.float64)
+    metrics = metrics_from_logits(np.log(np.clip(teacher, 1e-12, None)), examples, values)
+    return {k: v for k, v in metrics.items() if k in ("pairs", "accuracy_gold", "ndcg10_gold")}
+
+
+def evaluate(
+    head: torch.nn.Module,
+    examples: Sequence[DistillExample],
+    values: Sequence[float],
+    pad_id: int,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The metrics dict (see metrics_from_logits) of the student behind `head` on `examples`."""
+    logits = predict_grade_logits(head, examples, pad_id, batch_size, torch.device(device))
+    return metrics_from_logits(logits, examples, values, temperature)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: accelerate state (model, optimizer, scheduler, RNG) + our position in the data
+# ------------------------------------------------------------------------------------------------
+
+
+def save_training_state(accelerator: Any, out: Path, step: int, extra: dict[str, Any], keep: int) -> Path:
+    """Save everything needed to resume after optimizer step `step`; keep the newest `keep`."""
+    directory = Path(out) / CHECKPOINTS_DIR / f"step-{step:08d}"
+    accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        state = {"step": step, **extra}
+        (directory / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        # The state file is written last: a checkpoint without it is incomplete and never resumed from.
+        for old in _complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    root = Path(out) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
+
+
+def load_training_state(accelerator: Any, out: Path) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint under `out` into the prepared objects; its state dict,
+    or None when there is none."""
+    checkpoints = _complete_checkpoints(out)
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    accelerator.load_state(str(latest))
+    return json.loads((latest / STATE_NAME).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Output: an HF checkpoint that answerfirst.load() opens directly
+# ------------------------------------------------------------------------------------------------
+
+
+def write_student(
+    model: Any,
+    tokenizer: Any,
+    prompts: PromptTokenizer,
+    out: str | Path,
+    source: dict[str, Any],
+    info: dict[str, Any],
+) -> Manifest:
+    """Save weights + tokenizer + answerfirst.json (kind "checkpoint"; source gets the weights' sha256)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    manifest = Manifest(
+        kind="checkpoint",
+        format=prompts.format,
+        grade_token_ids=prompts.grade_ids,
+        source={**source, "sha256": checkpoint_hash(out)},
+        info=info,
+    )
+    manifest.write(out)
+    return manifest
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any, PromptTokenizer, Manifest | None]:
+    """(model in train mode, tokenizer, prompt tokenizer, manifest or None) from a dir or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from answerfirst.runtime.api import ScorerConfig, bind_format
+
+    path = str(path)
+    manifest = Manifest.read(path) if Path(path).is_dir() and has_manifest(path) else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a student model + tokenizer from {path!r}: {e}") from None
+    prompts = bind_format(tokenizer, manifest, ScorerConfig(), where=path)
+    return model.to(device).train(), tokenizer, prompts, manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def micro_batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches of example indices for `epoch`: a permutation seeded by (seed, epoch), so the
+    order is a pure function of the position and resuming needs only the step number."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_examples, generator=generator).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def train(
+    student: str | Path,
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    source: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train `student` on `data` (teacher.jsonl, or gold rows for SFT) and write the checkpoint to `out`.
+
+    Run it as is (one process) or under `accelerate launch` (one process per device); the same
+    code does both. `progress` gets each logged record (the CLI prints them)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    out = Path(out)
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    main = accelerator.is_main_process
+    if resume and not _complete_checkpoints(out):
+        raise FileNotFoundError(f"--resume: {out / CHECKPOINTS_DIR} holds no complete checkpoint to resume from")
+    if not resume and _complete_checkpoints(out):
+        raise ValueError(f"{out} already holds training checkpoints; pass --resume to continue or pick a new --out")
+
+    model, tokenizer, prompts, student_manifest = load_student(student)
+    if config.max_doc_tokens is not None:
+        prompts = PromptTokenizer(tokenizer, prompts.format.with_overrides(max_doc_tokens=config.max_doc_tokens))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
+
+    rows = load_rows(data)
+    train_rows, heldout_rows = split_rows(rows, config.eval_fraction, config.seed)
+    train_examples = build_examples(prompts, train_rows, config.max_trace_tokens)
+    eval_examples = build_examples(prompts, heldout_rows, config.max_trace_tokens)
+    if config.gamma > 0 and all(e.gold == IGNORE_INDEX for e in train_examples):
+        raise ValueError("TrainConfig.gamma > 0 needs gold labels, but no training row has a 'label'; set gamma=0")
+    values = prompts.format.values
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    steps_per_epoch = micro_per_epoch // (world * config.grad_accum)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(train_examples)} training rows make {micro_per_epoch} micro-batches, fewer than one step needs "
+            f"({world} processes x grad_accum {config.grad_accum}); lower batch_size/grad_accum or add data"
+        )
+    total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+
+    head = StudentHead(model, prompts.grade_ids)
+    decay = [p for n, p in head.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in head.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    logger.info(
+        "training %s on %d rows (%d held out), %d steps (%d per epoch), %d process(es)\n%s",
+        student, len(train_examples), len(eval_examples), total_steps, steps_per_epoch, world, config.describe(),
+    )
+
+    step = 0
+    history: list[dict[str, Any]] = []
+    if resume:
+        state = load_training_state(accelerator, out)
+        step = int(state["step"])
+        _check_resume(state, config, world, len(train_examples))
+        history = _read_metrics(out, upto_step=step)
+        logger.info("resumed from step %d", step)
+    elif main:
+        (out / METRICS_NAME).unlink(missing_ok=True)
+
+    def record(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        if main:
+            with (out / METRICS_NAME).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            if progress is not None:
+                progress(entry)
+
+    def run_eval() -> dict[str, float]:
+        # Every rank scores a disjoint slice of the held-out rows; rank 0 computes the metrics.
+        shard = list(range(rank, len(eval_examples), world))
+        logits = predict_grade_logits(
+            head, [eval_examples[i] for i in shard], pad_id, config.batch_size * 2, accelerator.device
+        )
+        gathered = gather_object(list(zip(shard, logits.tolist(), strict=True)))
+        ordered = np.zeros((len(eval_examples), len(values)))
+        for index, row in gathered:
+            ordered[index] = row
+        return metrics_from_logits(ordered, eval_examples, values, config.temperature)
+
+    weights = config.loss_weights
+    head.train()
+    started, window_losses, window_terms = time.perf_counter(), [], {}
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = micro_batch_order(len(train_examples), config.batch_size, config.seed, epoch)
+        first = step_in_epoch * world * config.grad_accum
+        micro = [order[first + a * world + rank] for a in range(config.grad_accum)]
+        step_loss = 0.0
+        for a, indices in enumerate(micro):
+            batch = batches_to_device(collate([train_examples[i] for i in indices], pad_id), accelerator.device)
+            sync = a == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(head):
+                with accelerator.autocast():
+                    loss, terms = batch_loss(head, batch, weights)
+                accelerator.backward(loss / config.grad_accum)
+            step_loss += float(loss.detach()) / config.grad_accum
+            for name, value in terms.items():
+                window_terms[name] = window_terms.get(name, 0.0) + value / config.grad_accum
+        accelerator.clip_grad_norm_(head.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_losses.append(step_loss)
+
+        if step % config.log_every == 0 or step == total_steps:
+            mean = torch.tensor([float(np.mean(window_losses))], device=accelerator.device)
+            mean = float(accelerator.reduce(mean, reduction="mean"))
+            terms_mean = {k: v / len(window_losses) for k, v in window_terms.items()}
+            record({
+                "split": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean,
+                **terms_mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2),
+            })
+            window_losses, window_terms = [], {}
+        if config.eval_every and step % config.eval_every == 0 and step != total_steps:
+            record({"split": "eval", "step": step, **run_eval()})
+        if config.save_every and step % config.save_every == 0 and step != total_steps:
+            save_training_state(
+                accelerator, out, step,
+                {"world_size": world, "n_train": len(train_examples), "batch_size": config.batch_size,
+                 "grad_accum": config.grad_accum, "seed": config.seed},
+                config.keep_checkpoints,
+            )
+
+    final = run_eval()
+    record({"split": "eval", "step": step, **final})
+    accelerator.wait_for_everyone()
+    if main:
+        unwrapped = accelerator.unwrap_model(head).model
+        unwrapped.config.use_cache = True
+        if config.gradient_checkpointing:
+            unwrapped.gradient_checkpointing_disable()
+        probe = [[r["query"], r["doc"]] for r in heldout_rows[:128]]
+        write_student(
+            unwrapped,
+            tokenizer,
+            prompts,
+            out,
+            source={"model": str(student), **(source or {})},
+            info={
+                **(info or {}),
+                "training_config": config.to_dict(),
+                "training_data": str(data),
+                "steps": step,
+                "metrics": final,
+                "probe_pairs": probe,
+                "student_manifest_source": (student_manifest.source if student_manifest else None),
+            },
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(out, step, final, history)
+
+
+def _check_resume(state: dict[str, Any], config: TrainConfig, world: int, n_train: int) -> None:
+    expected = {"world_size": world, "n_train": n_train, "batch_size": config.batch_size,
+                "grad_accum": config.grad_accum, "seed": config.seed}
+    for key, value in expected.items():
+        if key in state and state[key] != value:
+            raise ValueError(
+                f"--resume: the checkpoint was written with {key}={state[key]}, this run has {key}={value}; "
+                "resume with the same data, processes and batch settings (or start a new --out)"
+            )
+
+
+def _read_metrics(out: Path, upto_step: int) -> list[dict[str, Any]]:
+    """Keep metrics.jsonl records up to the resumed step (later ones belong to the lost run)."""
+    path = out / METRICS_NAME
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if entry.get("step", 0) <= upto_step:
+            kept.append(entry)
+    path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+    return kept
+
+
+def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a metrics.jsonl."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--student", required=True, help="student checkpoint dir or hub id (its tokenizer is used)")
+    parser.add_argument("--data", required=True, help="teacher.jsonl from `answerfirst label` (or gold rows for SFT)")
+    parser.add_argument("--out", required=True, help="output directory (checkpoint + answerfirst.json + metrics.jsonl)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags below override it)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"(default {default})")
+        else:
+            kind = {int: int, float: float, str: str}.get(type(default), int)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if args.config:
+        data = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return TrainConfig.from_dict(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    print("answerfirst train — config:\n" + config.describe(), flush=True)
+
+    def show(entry: dict[str, Any]) -> None:
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+        print(text, flush=True)
+
+    result = train(args.student, args.data, args.out, config, resume=args.resume, progress=show)
+    print(f"wrote {result.out} after {result.steps} steps; held-out: {json.dumps(result.metrics)}", flush=True)
+    return 0

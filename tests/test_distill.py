@@ -1,0 +1,421 @@
+"""distill/: sample data, labelling (resume after a real kill, sharding), training (forward, resume,
+accelerate launch with 2 processes), and the student checkpoint that answerfirst.load() opens."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import answerfirst
+from answerfirst.artifact import Manifest
+from answerfirst.distill import label as label_mod
+from answerfirst.distill.objectives import LossWeights, trace_ce
+from answerfirst.distill.sample import grade_and_reason, product_text, random_product, sample_pairs
+from answerfirst.distill.train import (
+    StudentHead,
+    TrainConfig,
+    batch_loss,
+    build_examples,
+    collate,
+    load_rows,
+    load_student,
+    student_forward,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# Two CPU processes over gloo. accelerate 1.x's `--cpu` launcher starts several processes only
+# through mpirun (a hostfile); `--multi_gpu` starts them with torchrun, and on a machine without a
+# GPU the Accelerator then runs MULTI_CPU: the same DDP code path as many GPUs.
+LAUNCH_TWO = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _teacher_rows(n_queries: int = 8, docs: int = 4, seed: int = 0) -> list[dict]:
+    """Sample pairs with synthetic teacher labels: probs peaked on the gold grade, trace = reason."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in sample_pairs(seed, n_queries=n_queries, docs_per_query=docs, doc_words=(10, 16)):
+        probs = rng.dirichlet(np.ones(5) * 0.5) * 0.4
+        probs[r["label"]] += 0.6
+        rows.append({**r, "teacher_probs": probs.tolist(), "trace": r["reason"]})
+    return rows
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# sample.py
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sample_pairs_is_deterministic_graded_and_split_by_query():
+    rows = sample_pairs(seed=3, n_queries=40, docs_per_query=8)
+    assert rows == sample_pairs(seed=3, n_queries=40, docs_per_query=8)
+    assert rows != sample_pairs(seed=4, n_queries=40, docs_per_query=8)
+    assert len(rows) == 320 and len({r["id"] for r in rows}) == 320
+    assert {r["label"] for r in rows} == {0, 1, 2, 3, 4}
+    train_q = {r["query"] for r in rows if r["split"] == "train"}
+    held_q = {r["query"] for r in rows if r["split"] == "heldout"}
+    assert held_q and train_q and not train_q & held_q
+    for r in rows:
+        assert set(r) == {"id", "query", "doc", "label", "reason", "split"}
+        assert r["reason"].startswith("Matches: ") and "\nMisses: " in r["reason"]
+
+
+def test_grade_follows_the_rubric():
+    rng = random.Random(0)
+    target = random_product(rng, "footwear", "running shoes")
+    same = grade_and_reason(target, ("brand", "colour"), target)
+    assert same[0] == 4 and same[1].endswith("Misses: nothing.")
+    other_colour = target.__class__(**{**target.__dict__, "colour": "pink" if target.colour != "pink" else "red"})
+    assert grade_and_reason(target, ("brand", "colour"), other_colour)[0] == 3
+    socks = random_product(rng, "footwear", "running socks")
+    assert grade_and_reason(target, ("brand",), socks)[0] == 1
+    assert grade_and_reason(target, ("brand",), random_product(rng, "kitchen"))[0] == 0
+
+
+@pytest.mark.parametrize("words", [64, 128, 192])
+def test_product_text_has_about_the_requested_length(words):
+    text = product_text(random.Random(words), words)
+    assert abs(len(text.split()) - words) <= 12
+    assert text == product_text(random.Random(words), words)
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py building blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_student_forward_equals_the_full_model_on_the_answer_window(tiny_checkpoint):
+    model, tokenizer, prompts, _ = load_student(tiny_checkpoint)
+    model.eval()
+    examples = build_examples(prompts, _teacher_rows(2, 3), max_trace_tokens=24)
+    batch = collate(examples, tokenizer.pad_token_id)
+    head = StudentHead(model, prompts.grade_ids)
+    with torch.no_grad():
+        grade_logits, logits = student_forward(head, batch)
+        full = model(input_ids=batch["input_ids"]).logits  # (B, T, V) the reference
+    rows = torch.arange(len(examples))
+    grade_ref = full[rows, batch["grade_pos"]][:, list(prompts.grade_ids)]
+    torch.testing.assert_close(grade_logits, grade_ref, rtol=1e-4, atol=1e-4)
+    full_labels = torch.full(batch["input_ids"].shape, -100)
+    for b, e in enumerate(examples):
+        full_labels[b, : len(e.example.labels)] = torch.tensor(e.example.labels)
+    # The windowed trace CE is exactly the full-sequence CE of objectives.trace_ce.
+    assert float(trace_ce(logits, batch["labels"])) == pytest.approx(float(trace_ce(full, full_labels)), rel=1e-5)
+    # Right padding changes nothing for a shorter row.
+    single = collate(examples[:1], tokenizer.pad_token_id)
+    with torch.no_grad():
+        alone, _ = student_forward(head, single)
+    torch.testing.assert_close(alone[0], grade_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_train_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="TrainConfig.schedule"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="alpha"):
+        TrainConfig(alpha=-1)
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_load_rows_reports_the_bad_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": 1, "query": "q", "doc": "d", "label": 1}\n{"id": 2, "query": "q"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"t.jsonl:2: missing field 'doc'"):
+        load_rows(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# training runs
+# ------------------------------------------------------------------------------------------------
+
+
+def _config(**changes) -> TrainConfig:
+    base = dict(lr=2e-3, batch_size=4, max_steps=6, log_every=1, save_every=3, warmup_ratio=0.0,
+                max_trace_tokens=24, gamma=0.5, seed=0)
+    return TrainConfig(**{**base, **changes})
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_train_moves_every_parameter_and_writes_a_loadable_student(tiny_model_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "teacher.jsonl", _teacher_rows())
+    out = tmp_path / "student"
+    before = _params(tiny_model_dir)
+    result = train(tiny_model_dir, data, out, _config(eval_every=3))
+    after = _params(out)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"parameters that did not move: {unchanged}"
+    manifest = Manifest.read(out)
+    assert manifest.kind == "checkpoint" and manifest.source["sha256"]
+    assert manifest.info["training_config"]["batch_size"] == 4
+    assert set(manifest.info["metrics"]) >= {"kl_to_teacher", "agreement_teacher", "accuracy_gold", "ndcg10_gold",
+                                            "spearman_teacher"}
+    assert manifest.info["probe_pairs"] and all(len(p) == 2 for p in manifest.info["probe_pairs"])
+    assert json.loads((out / "training_config.json").read_text())["lr"] == 2e-3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # The runtime opens the output directly and scores like the trained weights say.
+    scorer = answerfirst.load(out)
+    row = json.loads(data.read_text().splitlines()[0])
+    score = scorer.score(row["query"], [row["doc"]])[0]
+    assert len(score.probs) == 5 and abs(sum(score.probs) - 1) < 1e-6
+    assert result.metrics == manifest.info["metrics"]
+
+
+@pytest.mark.slow
+def test_resumed_training_equals_uninterrupted_training(tiny_checkpoint, tmp_path):
+    data = _write_jsonl(tmp_path / "teacher.jsonl", _teacher_rows())
+    config = _config(max_steps=6, save_every=3, keep_checkpoints=1)
+    full = train(tiny_checkpoint, data, tmp_path / "full", config)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_step_4(entry):
+        if entry["split"] == "train" and entry["step"] == 4:  # checkpoint at 3 exists; step 4 is lost
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny_checkpoint, data, tmp_path / "resumed", config, progress=die_after_step_4)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_checkpoint, data, tmp_path / "resumed", config)
+    resumed = train(tiny_checkpoint, data, tmp_path / "resumed", config, resume=True)
+
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    losses = lambda h: [r["loss"] for r in h if r["split"] == "train"]  # noqa: E731
+    assert losses(resumed.history) == pytest.approx(losses(full.history), rel=1e-5)
+    assert resumed.metrics == pytest.approx(full.metrics, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_gives_the_same_loss_curve(tiny_checkpoint, tmp_path):
+    rows = _teacher_rows(n_queries=10, docs=4)
+    data = _write_jsonl(tmp_path / "teacher.jsonl", rows)
+    steps = 8
+    # beta=0: every remaining term is a mean over rows, so the 2-rank gradient average is exactly the
+    # 1-process gradient (the trace CE would weight tokens per rank instead of over the whole batch).
+    single = train(tiny_checkpoint, data, tmp_path / "one", _config(max_steps=steps, batch_size=4, save_every=0, beta=0.0))
+    cmd = [
+        *LAUNCH_TWO, "--main_process_port", str(_free_port()), "-m", "answerfirst.cli", "train",
+        "--student", str(tiny_checkpoint), "--data", str(data), "--out", str(tmp_path / "two"),
+        "--lr", "2e-3", "--batch-size", "2", "--max-steps", str(steps), "--log-every", "1", "--warmup-ratio", "0",
+        "--max-trace-tokens", "24", "--gamma", "0.5", "--beta", "0",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one_loss = np.array([r["loss"] for r in single.history if r["split"] == "train"])
+    two_loss = np.array([r["loss"] for r in two if r["split"] == "train"])
+    assert len(two_loss) == steps == len(one_loss)
+    # Two ranks x batch 2 see exactly the examples of one process x batch 4 at every step, so the
+    # first losses agree to float precision. Later steps drift a little: Adam's first updates are
+    # about lr * sign(g), so all-reduce rounding in near-zero gradient entries becomes visible.
+    np.testing.assert_allclose(two_loss[:2], one_loss[:2], rtol=2e-3)
+    assert np.corrcoef(two_loss, one_loss)[0, 1] > 0.8
+    assert float(np.mean(np.abs(two_loss - one_loss) / one_loss)) < 0.2
+    assert answerfirst.load(tmp_path / "two").score("red running shoes", ["red shoes"])[0].probs
+
+
+# ------------------------------------------------------------------------------------------------
+# label.py
+# ------------------------------------------------------------------------------------------------
+
+
+def _pairs(tmp_path: Path, n_queries: int = 4, docs: int = 3) -> Path:
+    rows = sample_pairs(1, n_queries=n_queries, docs_per_query=docs, doc_words=(10, 14))
+    return _write_jsonl(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("id", "query", "doc", "label")} for r in rows])
+
+
+@pytest.mark.slow
+def test_label_matches_the_runtime_score_and_explanation(tiny_checkpoint, tmp_path):
+    pairs = _pairs(tmp_path, 3, 3)
+    out = tmp_path / "teacher.jsonl"
+    result = label_mod.label(tiny_checkpoint, pairs, out, label_mod.LabelConfig(batch_size=4, max_new_tokens=12))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    inputs = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert result.rows == len(rows) == len(inputs) and [r["id"] for r in rows] == [r["id"] for r in inputs]
+    scorer = answerfirst.load(tiny_checkpoint)
+    for row in rows:
+        assert {"id", "query", "doc", "label", "teacher_probs", "trace", "truncated"} <= set(row)
+        score = scorer.score(row["query"], [row["doc"]])[0]
+        np.testing.assert_allclose(row["teacher_probs"], score.probs, atol=1e-5)
+        explanation = "".join(scorer.explain(row["query"], row["doc"], max_new_tokens=12)).strip()
+        assert row["trace"] == explanation
+    assert not label_mod.parts_dir(out).exists()
+
+
+def test_bad_rows_stop_the_run_with_line_numbers_or_are_skipped(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(
+        b'{"id": "a", "query": "red shoes", "doc": "Red running shoes."}\n'
+        b'{"id": "b", "query": "", "doc": "x"}\n'
+        b'\xff\xfe not utf-8\n'
+        b'{"id": "c", "query": "q"}\n'
+        b'{"id": "a", "query": "q", "doc": "again"}\n'
+        b'{"id": "d", "query": "blue mug", "doc": "A blue mug."}\n'
+    )
+    with pytest.raises(ValueError) as error:
+        label_mod.read_pairs(path)
+    message = str(error.value)
+    for needle in ("line 2: query is empty", "line 3: not valid UTF-8", "line 4: missing field 'doc'",
+                   "line 5: duplicate id 'a'", "--skip-bad"):
+        assert needle in message
+    rows, bad = label_mod.read_pairs(path, skip_bad=True)
+    assert [r["id"] for r in rows] == ["a", "d"] and [b.line for b in bad] == [2, 3, 4, 5]
+
+
+def test_repair_cuts_only_a_partial_last_line(tmp_path):
+    path = tmp_path / "part.jsonl"
+    path.write_bytes(b'{"id": "1"}\n{"id": "2"}\n{"id": "3", "tea')
+    assert label_mod.repair_jsonl(path) == len(b'{"id": "3", "tea')
+    assert path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'
+    assert label_mod.repair_jsonl(path) == 0
+
+
+@pytest.mark.slow
+def test_label_resumes_after_a_real_kill_with_every_id_exactly_once(tiny_checkpoint, tmp_path):
+    pairs = _pairs(tmp_path, 10, 4)  # 40 rows
+    out = tmp_path / "teacher.jsonl"
+    cmd = [PYTHON, "-m", "answerfirst.cli", "label", "--teacher", str(tiny_checkpoint), "--pairs", str(pairs),
+           "--out", str(out), "--batch-size", "1", "--max-new-tokens", "24"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = label_mod.parts_dir(out) / "part-000.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if part.is_file() and part.read_bytes().count(b"\n") >= 5:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the labelling run ended before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "killed mid-run: the merged output must not exist yet"
+    done_before = part.read_bytes().count(b"\n")
+    assert 5 <= done_before < 40
+    with part.open("ab") as f:  # what a kill in the middle of a write leaves behind
+        f.write(b'{"id": "q0009-d3", "query": "cut in the mid')
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{40 - done_before} labelled now" in rerun.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [json.loads(line)["id"] for line in pairs.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ids  # every id once, in input order
+    # Identical to labelling in one go: greedy traces and probabilities do not depend on the kill.
+    fresh = tmp_path / "fresh.jsonl"
+    label_mod.label(tiny_checkpoint, pairs, fresh, label_mod.LabelConfig(batch_size=8, max_new_tokens=24))
+    for a, b in zip(rows, (json.loads(line) for line in fresh.read_text().splitlines()), strict=True):
+        np.testing.assert_allclose(a["teacher_probs"], b["teacher_probs"], atol=1e-5)
+        assert a["trace"] == b["trace"]
+
+
+@pytest.mark.slow
+def test_label_sharded_over_two_processes_merges_every_id_once(tiny_checkpoint, tmp_path):
+    pairs = _pairs(tmp_path, 5, 3)
+    out = tmp_path / "teacher.jsonl"
+    cmd = [*LAUNCH_TWO, "--main_process_port", str(_free_port()), "-m", "answerfirst.cli", "label",
+           "--teacher", str(tiny_checkpoint), "--pairs", str(pairs), "--out", str(out), "--batch-size", "4",
+           "--max-new-tokens", "8"]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in pairs.read_text().splitlines()]
+    scorer = answerfirst.load(tiny_checkpoint)
+    for row in rows:
+        np.testing.assert_allclose(row["teacher_probs"], scorer.score(row["query"], [row["doc"]])[0].probs, atol=1e-5)
+
+
+def test_loss_weights_from_train_config():
+    assert TrainConfig(alpha=0.5, beta=0.25, gamma=2.0, temperature=2.0).loss_weights == LossWeights(0.5, 0.25, 2.0, 2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline.py: the offline default run, shrunk
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end_then_reuses_every_stage(tmp_path):
+    from dataclasses import replace
+
+    from answerfirst.distill.pipeline import DefaultRunConfig, run_default
+
+    base = DefaultRunConfig()
+    config = DefaultRunConfig(
+        n_queries=10, docs_per_query=4, vocab_size=400, label_batch_size=8, max_new_tokens=12,
+        teacher=replace(base.teacher, epochs=1, batch_size=8, save_every=0),
+        student=replace(base.student, epochs=1, batch_size=8, save_every=0, eval_every=0),
+    )
+    said: list[str] = []
+    summary = run_default(tmp_path / "student", tmp_path / "work", config=config, say=said.append)
+    manifest = Manifest.read(tmp_path / "student")
+    assert manifest.source["teacher"].endswith("teacher") and manifest.source["sha256"]
+    assert set(manifest.info["teacher_metrics"]) >= {"accuracy_gold", "ndcg10_gold"}
+    assert summary["student_metrics"] == manifest.info["metrics"]
+    assert not (tmp_path / "student" / "checkpoints").exists()
+    labels = [json.loads(line) for line in Path(summary["labels"]).read_text().splitlines()]
+    assert len(labels) == 40 and all(len(r["teacher_probs"]) == 5 for r in labels)
+    scorer = answerfirst.load(tmp_path / "student")
+    assert scorer.prompts.format.rubric == manifest.format.rubric
+    assert scorer.score(labels[0]["query"], [labels[0]["doc"]])[0].probs
+
+    said.clear()
+    again = run_default(tmp_path / "student", tmp_path / "work", config=config, say=said.append)
+    assert any("teacher: cached" in s for s in said) and any("label: cached" in s for s in said)
+    assert any("student: cached" in s for s in said)
+    assert again["student_metrics"] == summary["student_metrics"]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoint):
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer, prompts, _ = load_student(tiny_checkpoint)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        examples = build_examples(prompts, _teacher_rows(2, 2), max_trace_tokens=16)
+        head = StudentHead(model, prompts.grade_ids)
+        loss, _ = batch_loss(head, collate(examples, tokenizer.pad_token_id), LossWeights(1.0, 1.0, 0.5))
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
