@@ -1,0 +1,245 @@
+"""ONNX Runtime backend: the scoring graph that `answerfirst export onnx` writes, run on the CPU.
+
+The graph (see answerfirst/export/onnx.py for how it is built) takes
+
+    input_ids   (B, T) int64     right-padded continuations (or whole prompts when there is no past)
+    lengths     (B,)   int64     real tokens per row; the grade is read at position lengths-1
+    kv_rows     (N,)   int64     rows whose present KV to return (empty while scoring: no copies)
+    vocab_rows  (M,)   int64     rows whose full-vocabulary next-token logits to return (decoding)
+    past_key.i / past_value.i (1, kv_heads, P, head_dim)  ONE prefix KV, broadcast to all B rows
+
+and returns grade_logits (B, K), next_token_logits (M, V) and present_key.i / present_value.i
+(N, kv_heads, P+T, head_dim). Scoring a query runs the prefix once (kv_rows=[0]) and then every batch
+of documents against that one KV; explain() decodes token by token with the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from answerfirst.artifact import Manifest, ManifestError, Variant
+from answerfirst.runtime.api import ScorerConfig, bind_format
+
+logger = logging.getLogger(__name__)
+
+# Metadata keys the exporter writes into every graph; the runtime checks them against the manifest.
+META_GRAPH_VERSION = "answerfirst.graph_version"
+META_GRADE_IDS = "answerfirst.grade_token_ids"
+META_LAYERS = "answerfirst.num_layers"
+META_KV_HEADS = "answerfirst.num_key_value_heads"
+META_HEAD_DIM = "answerfirst.head_dim"
+META_VOCAB = "answerfirst.vocab_size"
+META_SOURCE_SHA = "answerfirst.source_sha256"
+GRAPH_VERSION = "1"
+
+_ONNX_INSTALL = 'pip install "answerfirst[onnx]"'
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(f"the onnx backend needs onnxruntime, which is not installed: {_ONNX_INSTALL}") from None
+    return onnxruntime
+
+
+def open_session(path: Path, threads: int | None) -> Any:
+    """An InferenceSession on the CPU provider; an unreadable graph is a ManifestError naming the file."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of ops: inter-op threads idle
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not the user's concern
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ManifestError(
+            f"{path} could not be loaded by onnxruntime ({type(e).__name__}: {first_line[:300]}); the file "
+            "(or its .data file) is corrupted, truncated or not an answerfirst graph: re-run `answerfirst export onnx`"
+        ) from None
+
+
+class OnnxBackend:
+    """Adapter for answerfirst.runtime.api.Scorer over one ONNX Runtime session."""
+
+    name = "onnx"
+
+    def __init__(self, session: Any, pad_id: int, where: str = "graph"):
+        self.session = session
+        self.pad_id = int(pad_id)
+        self.where = where
+        meta = session.get_modelmeta().custom_metadata_map
+        try:
+            self.num_layers = int(meta[META_LAYERS])
+            self.kv_heads = int(meta[META_KV_HEADS])
+            self.head_dim = int(meta[META_HEAD_DIM])
+            self.vocab_size = int(meta[META_VOCAB])
+            self.grade_ids = tuple(json.loads(meta[META_GRADE_IDS]))
+        except (KeyError, ValueError) as e:
+            raise ManifestError(
+                f"{where} lacks answerfirst metadata ({e}); it was not written by `answerfirst export onnx`"
+            ) from None
+        if meta.get(META_GRAPH_VERSION) != GRAPH_VERSION:
+            raise ManifestError(
+                f"{where} is graph version {meta.get(META_GRAPH_VERSION)!r}; this answerfirst reads version "
+                f"{GRAPH_VERSION}: re-export with `answerfirst export onnx`"
+            )
+        self.past_names = [n for i in range(self.num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
+        self.present_names = [n.replace("past_", "present_") for n in self.past_names]
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        expected_inputs = {"input_ids", "lengths", "kv_rows", "vocab_rows", *self.past_names}
+        if inputs != expected_inputs or not {"grade_logits", "next_token_logits", *self.present_names} <= set(outputs):
+            raise ManifestError(f"{where}: its inputs/outputs are not those of an answerfirst scoring graph; re-export it")
+        graph_k = outputs["grade_logits"].shape[1]
+        if graph_k != len(self.grade_ids):
+            raise ManifestError(f"{where}: grade_logits has {graph_k} columns but the metadata names {len(self.grade_ids)} grade ids")
+        self._empty_rows = np.zeros((0,), dtype=np.int64)
+        self._row0 = np.zeros((1,), dtype=np.int64)
+        self._empty_past = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        self._prefix_lock = threading.Lock()
+        self._prefix_cache: tuple[tuple[int, ...], dict[str, np.ndarray]] | None = None
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray:
+        lengths = np.array([len(c) for c in continuations], dtype=np.int64)
+        if lengths.min() < 1:
+            raise ValueError("every continuation needs at least one token")
+        input_ids = np.full((len(continuations), int(lengths.max())), self.pad_id, dtype=np.int64)
+        for row, ids in enumerate(continuations):
+            input_ids[row, : len(ids)] = ids  # (B, T) right-padded: causal attention never sees later pads
+        past = self._empty_feed() if prefix_ids is None else self._prefix(tuple(int(i) for i in prefix_ids))
+        (grade_logits,) = self.session.run(
+            ["grade_logits"],
+            {"input_ids": input_ids, "lengths": lengths, "kv_rows": self._empty_rows, "vocab_rows": self._empty_rows, **past},
+        )
+        return grade_logits  # (B, K)
+
+    def _prefix(self, prefix_ids: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The prefix KV (1, kv_heads, P, head_dim) per layer; the last query's is kept, so the batches
+        of one score() call (and repeated calls for the same query) run the prefix once."""
+        with self._prefix_lock:
+            if self._prefix_cache is not None and self._prefix_cache[0] == prefix_ids:
+                return self._prefix_cache[1]
+        ids = np.array([prefix_ids], dtype=np.int64)  # (1, P)
+        present = self.session.run(
+            self.present_names,
+            {
+                "input_ids": ids,
+                "lengths": np.array([len(prefix_ids)], dtype=np.int64),
+                "kv_rows": self._row0,
+                "vocab_rows": self._empty_rows,
+                **self._empty_feed(),
+            },
+        )
+        past = dict(zip(self.past_names, present, strict=True))
+        with self._prefix_lock:
+            self._prefix_cache = (prefix_ids, past)
+        return past
+
+    def _empty_feed(self) -> dict[str, np.ndarray]:
+        return dict.fromkeys(self.past_names, self._empty_past)
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy decoding with the KV cache: the prompt runs once, then one token per step."""
+        ids = np.array([list(input_ids)], dtype=np.int64)  # (1, T)
+        past = self._empty_feed()
+        names = ["next_token_logits", *self.present_names]
+        for _ in range(max_new_tokens):
+            logits, *present = self.session.run(
+                names,
+                {
+                    "input_ids": ids,
+                    "lengths": np.array([ids.shape[1]], dtype=np.int64),
+                    "kv_rows": self._row0,
+                    "vocab_rows": self._row0,
+                    **past,
+                },
+            )
+            next_id = int(logits[0].argmax())  # (1, V) logits at the last position only
+            yield next_id
+            past = dict(zip(self.past_names, present, strict=True))
+            ids = np.array([[next_id]], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# open_onnx: called by answerfirst.runtime.api.load
+# ------------------------------------------------------------------------------------------------
+
+
+def check_graph_matches_manifest(backend: OnnxBackend, manifest: Manifest, where: str) -> None:
+    if backend.grade_ids != tuple(manifest.grade_token_ids):
+        raise ManifestError(
+            f"{where}: the graph scores grade token ids {list(backend.grade_ids)} (K={len(backend.grade_ids)}) but "
+            f"the manifest names {list(manifest.grade_token_ids)} (K={len(manifest.grade_token_ids)}); the graph "
+            "and answerfirst.json come from different exports: re-run `answerfirst export onnx`"
+        )
+    sha = backend.session.get_modelmeta().custom_metadata_map.get(META_SOURCE_SHA)
+    expected_sha = manifest.source.get("sha256")
+    if sha and expected_sha and sha != expected_sha:
+        raise ManifestError(
+            f"{where}: the graph was exported from weights {sha[:12]}… but the manifest's source is "
+            f"{expected_sha[:12]}…; re-run `answerfirst export onnx`"
+        )
+
+
+def check_file_sizes(location: Path, manifest: Manifest, variant: Variant) -> None:
+    """Sizes recorded at export time: a truncated graph or .data file is caught before ORT reads it."""
+    sizes = manifest.info.get("files", {})
+    for name in (variant.file, variant.file + ".data"):
+        expected = sizes.get(name)
+        path = location / name
+        if expected is None:
+            continue
+        if not path.is_file():
+            raise ManifestError(f"{location}: {name} is missing (the export lists it); re-run `answerfirst export onnx`")
+        actual = path.stat().st_size
+        if actual != expected:
+            raise ManifestError(
+                f"{path} is {actual} bytes but was {expected} bytes when exported: it is truncated or "
+                "corrupted; re-run `answerfirst export onnx`"
+            )
+
+
+def open_onnx(
+    location: Path, manifest: Manifest | None, threads: int | None, variant: str | None, config: ScorerConfig
+) -> tuple[OnnxBackend, Any]:
+    import_onnxruntime()
+    location = Path(location)
+    if manifest is None or manifest.kind != "onnx":
+        raise ManifestError(f"{location} is not an ONNX export (no onnx answerfirst.json); run `answerfirst export onnx`")
+    chosen = manifest.variant(variant)
+    if variant is None:
+        logger.info("onnx: using variant %r (%s), the fastest whose parity passed", chosen.name, chosen.file)
+    check_file_sizes(location, manifest, chosen)
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(location))
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{location}: the export's tokenizer files are missing or unreadable ({e}); re-export") from None
+    prompts = bind_format(tokenizer, manifest, config, where=str(location))
+    path = location / chosen.file
+    backend = OnnxBackend(open_session(path, threads), pad_id=_pad_id(tokenizer, prompts), where=str(path))
+    check_graph_matches_manifest(backend, manifest, str(path))
+    return backend, prompts
+
+
+def _pad_id(tokenizer: Any, prompts: Any) -> int:
+    # Any id works: right-padded pads sit after every real token and causal attention never reads them.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]

@@ -1,0 +1,292 @@
+"""ONNX export + onnxruntime backend: numbers equal torch, prefix reuse and batching change nothing,
+explanations decode the same tokens, and broken exports fail with errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import answerfirst
+from answerfirst.artifact import Manifest, ManifestError
+from answerfirst.runtime.api import ScorerConfig
+
+pytest.importorskip("onnxruntime")
+
+QUERY = "red running shoes"
+DOCS = [
+    "Lightweight red running shoes with a breathable mesh upper.",
+    "Over-ear wireless headphones, 30 hour battery.",
+    "Insulated stainless steel bottle, 750 ml, keeps drinks cold all day long while you run.",
+    "Red shoes.",
+    "Prix: 49,90 € — Größe 42 — couleur rouge — 速干 跑步鞋",
+]
+PROBE = [(QUERY, d) for d in DOCS] + [("wireless headphones", d) for d in DOCS[:3]]
+# int8 dynamic quantization of a random tiny model (hidden 64): measured max |dp| ~1e-2 on these pairs.
+INT8_MAX_ABS_DP = 0.05
+
+
+def as_array(scores):
+    return np.array([s.probs for s in scores])
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    from answerfirst.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    export_onnx(tiny_checkpoint, out, probe_pairs=PROBE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_scorer(onnx_export):
+    return answerfirst.load(onnx_export, variant="fp32")
+
+
+@pytest.fixture
+def export_copy(onnx_export, tmp_path) -> Path:
+    out = tmp_path / "export"
+    shutil.copytree(onnx_export, out)
+    return out
+
+
+# -- the export ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_manifest_lists_int8_then_fp32_with_parity_and_is_self_contained(onnx_export, tiny_checkpoint):
+    manifest = Manifest.read(onnx_export)
+    assert manifest.kind == "onnx"
+    assert [v.name for v in manifest.variants] == ["int8", "fp32"]  # fastest first
+    fp32 = manifest.variant("fp32")
+    assert fp32.parity["passed"] and fp32.parity["max_abs_dp"] <= 1e-4
+    assert fp32.parity["pairs"] == len(PROBE)
+    int8 = manifest.variant("int8")
+    assert int8.quantization in ("int8-dynamic-per-channel", "int8-dynamic-per-tensor")
+    assert set(manifest.info["int8"]["candidates"]) == {"per-channel", "per-tensor"}
+    assert manifest.source["sha256"] and manifest.source["model"] == str(tiny_checkpoint)
+    assert (onnx_export / "tokenizer.json").is_file()
+    # every file the export needs is inside it: the checkpoint is not read when loading
+    scorer = answerfirst.load(onnx_export, variant="fp32")
+    assert scorer.backend.name == "onnx"
+    # the int8 file is smaller than the fp32 one (the layers' weights are 1 byte instead of 4)
+    assert (onnx_export / int8.file).stat().st_size < (onnx_export / fp32.file).stat().st_size
+
+
+def test_default_variant_is_the_fastest_that_passed(onnx_export):
+    manifest = Manifest.read(onnx_export)
+    expected = next(v.name for v in manifest.variants if v.parity_passed)
+    scorer = answerfirst.load(onnx_export)
+    assert scorer.backend.where.endswith(manifest.variant(expected).file)
+
+
+@pytest.mark.slow
+def test_failed_parity_is_recorded_and_logged_not_silent(tiny_checkpoint, tmp_path, caplog):
+    """A random tiny model's int8 misses Spearman >= 0.99 on a small probe set of near-equal scores
+    (or passes); either way the manifest records exactly what the report measured."""
+    from answerfirst.export.onnx import export_onnx
+
+    with caplog.at_level("WARNING"):
+        manifest = export_onnx(tiny_checkpoint, tmp_path / "e", probe_pairs=PROBE, int8_scheme="per-tensor")
+    int8 = manifest.variant("int8")
+    assert int8.quantization == "int8-dynamic-per-tensor"
+    report = int8.parity
+    expected_pass = report["grade_agreement"] >= 0.98 and (
+        np.isnan(report["spearman_expected"]) or report["spearman_expected"] >= 0.99
+    )
+    assert report["passed"] == expected_pass
+    if not expected_pass:
+        assert report["failures"] and any("parity FAILED" in r.message for r in caplog.records)
+        assert Manifest.read(tmp_path / "e").variant(None).name == "fp32"
+
+
+def test_resume_reuses_the_fp32_graph_of_the_same_weights(tiny_checkpoint, export_copy):
+    from answerfirst.export.onnx import FP32_FILE, export_onnx
+
+    before = (export_copy / FP32_FILE).stat().st_mtime_ns
+    export_onnx(tiny_checkpoint, export_copy, int8=False, probe_pairs=PROBE[:2])
+    assert (export_copy / FP32_FILE).stat().st_mtime_ns == before
+    assert [v.name for v in Manifest.read(export_copy).variants] == ["fp32"]
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+
+
+def test_fp32_onnx_equals_torch(tiny_scorer, fp32_scorer):
+    torch_probs = as_array(tiny_scorer.score(QUERY, DOCS))
+    onnx_probs = as_array(fp32_scorer.score(QUERY, DOCS))
+    np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-5)
+    assert torch_probs.max() - torch_probs.min() > 0.05  # informative distributions, not uniform
+    pairs = [(QUERY, DOCS[0]), ("wireless headphones", DOCS[1]), (QUERY, DOCS[4])]
+    np.testing.assert_allclose(as_array(fp32_scorer.score_pairs(pairs)), as_array(tiny_scorer.score_pairs(pairs)), atol=1e-5)
+
+
+def test_int8_within_tolerance(tiny_scorer, onnx_export):
+    int8 = answerfirst.load(onnx_export, variant="int8")
+    diff = np.abs(as_array(int8.score(QUERY, DOCS)) - as_array(tiny_scorer.score(QUERY, DOCS)))
+    assert diff.max() <= INT8_MAX_ABS_DP
+    assert diff.max() > 0  # it really is a different (quantized) graph
+
+
+def test_prefix_reuse_equals_no_reuse(onnx_export, fp32_scorer):
+    no_reuse = answerfirst.load(onnx_export, variant="fp32", config=ScorerConfig(reuse_prefix=False))
+    np.testing.assert_allclose(as_array(fp32_scorer.score(QUERY, DOCS)), as_array(no_reuse.score(QUERY, DOCS)), atol=1e-6)
+
+
+def test_batch_equals_single(onnx_export, fp32_scorer):
+    single = answerfirst.load(onnx_export, variant="fp32", config=ScorerConfig(batch_size=1))
+    batched = as_array(fp32_scorer.score(QUERY, DOCS))
+    one_by_one = np.array([single.score(QUERY, [d])[0].probs for d in DOCS])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
+
+
+def test_prefix_kv_is_shared_not_copied(fp32_scorer):
+    """The graph broadcasts ONE (1, kv, P, d) prefix KV over the batch and returns no KV while scoring."""
+    backend = fp32_scorer.backend
+    prompts = fp32_scorer.prompts.prompts(QUERY, DOCS[:3])
+    past = backend._prefix(prompts[0].prefix_ids)
+    k0 = past["past_key.0"]
+    assert k0.shape == (1, backend.kv_heads, len(prompts[0].prefix_ids), backend.head_dim)
+    continuations = [p.continuation_ids for p in prompts]
+    lengths = np.array([len(c) for c in continuations])
+    ids = np.full((3, lengths.max()), backend.pad_id)
+    for r, c in enumerate(continuations):
+        ids[r, : len(c)] = c
+    empty = np.zeros((0,), dtype=np.int64)
+    feed = {"input_ids": ids, "lengths": lengths, "kv_rows": empty, "vocab_rows": empty, **past}
+    grade, vocab, present_k0 = backend.session.run(["grade_logits", "next_token_logits", "present_key.0"], feed)
+    assert grade.shape == (3, len(fp32_scorer.grades)) and vocab.shape == (0, backend.vocab_size)
+    assert present_k0.shape[0] == 0
+
+
+@pytest.mark.slow
+def test_explain_gives_the_same_greedy_tokens_as_torch(tiny_scorer, fp32_scorer):
+    for doc in DOCS[:2]:
+        grade = fp32_scorer.score(QUERY, [doc])[0].grade
+        assert grade == tiny_scorer.score(QUERY, [doc])[0].grade
+        # what explain() decodes: the prompt plus the scored grade token, greedily, with the KV cache
+        ids = [*tiny_scorer.prompts.prompt(QUERY, doc).input_ids, tiny_scorer.prompts.grade_ids[grade]]
+        torch_tokens = list(tiny_scorer.backend.generate(ids, 16))
+        assert list(fp32_scorer.backend.generate(ids, 16)) == torch_tokens
+        expected_text = "".join(tiny_scorer.prompts.stream_explanation(torch_tokens))
+        assert "".join(fp32_scorer.explain(QUERY, doc, 16)) == expected_text
+
+
+def test_decoding_logits_equal_torch_full_vocabulary(tiny_scorer, fp32_scorer):
+    import torch
+
+    ids = tiny_scorer.prompts.prompt(QUERY, DOCS[0]).input_ids
+    with torch.no_grad():
+        expected = tiny_scorer.backend.model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()  # (V,)
+    backend = fp32_scorer.backend
+    row0 = np.zeros((1,), dtype=np.int64)
+    (logits,) = backend.session.run(
+        ["next_token_logits"],
+        {"input_ids": np.array([ids]), "lengths": np.array([len(ids)]), "kv_rows": np.zeros((0,), dtype=np.int64),
+         "vocab_rows": row0, **backend._empty_feed()},
+    )
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_corrupted_graph_is_a_clear_error(export_copy):
+    manifest = Manifest.read(export_copy)
+    path = export_copy / manifest.variant("fp32").file
+    data = bytearray(path.read_bytes())
+    data[: 4096] = b"\xff" * 4096  # same size, garbage header
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="could not be loaded by onnxruntime.*re-run `answerfirst export onnx`"):
+        answerfirst.load(export_copy, variant="fp32")
+
+
+def test_truncated_graph_is_a_clear_error(export_copy):
+    manifest = Manifest.read(export_copy)
+    path = export_copy / manifest.variant("fp32").file
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ManifestError, match="truncated or corrupted"):
+        answerfirst.load(export_copy, variant="fp32")
+    # without the recorded sizes the runtime still refuses it with a clear message
+    data = json.loads((export_copy / "answerfirst.json").read_text())
+    data["info"].pop("files")
+    (export_copy / "answerfirst.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="could not be loaded by onnxruntime"):
+        answerfirst.load(export_copy, variant="fp32")
+
+
+@pytest.mark.parametrize("change", ["other_k", "other_ids"])
+def test_manifest_graph_mismatch_is_a_clear_error(export_copy, change):
+    path = export_copy / "answerfirst.json"
+    data = json.loads(path.read_text())
+    ids = data["grade_token_ids"]
+    if change == "other_k":  # a manifest for 4 grades beside a graph that scores 5
+        data["format"]["grades"], data["format"]["values"] = data["format"]["grades"][:4], data["format"]["values"][:4]
+        data["grade_token_ids"] = ids[:4]
+    else:  # same K, grade ids of another tokenizer/model
+        data["grade_token_ids"] = ids[1:] + ids[:1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="grade token ids"):
+        answerfirst.load(export_copy, variant="fp32")
+
+
+def test_graph_with_other_grade_ids_than_its_manifest(export_copy):
+    """Swap in a graph exported for different grade tokens: the graph's metadata disagrees with the manifest."""
+    import onnx
+
+    manifest = Manifest.read(export_copy)
+    path = export_copy / manifest.variant("fp32").file
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "answerfirst.grade_token_ids":
+            prop.value = json.dumps(list(reversed(manifest.grade_token_ids)))
+    onnx.save(proto, str(path))
+    data = json.loads((export_copy / "answerfirst.json").read_text())
+    data["info"].pop("files")
+    (export_copy / "answerfirst.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="graph scores grade token ids .* different exports"):
+        answerfirst.load(export_copy, variant="fp32")
+
+
+def test_unknown_variant_and_missing_manifest(export_copy):
+    with pytest.raises(ManifestError, match="no variant 'fp16'"):
+        answerfirst.load(export_copy, variant="fp16")
+    (export_copy / "answerfirst.json").unlink()
+    with pytest.raises(ManifestError, match="no answerfirst.json"):
+        answerfirst.load(export_copy)
+
+
+@pytest.mark.slow
+def test_missing_onnxruntime_is_a_clear_import_error(onnx_export, tiny_checkpoint, tmp_path):
+    code = f"""
+import sys
+sys.modules["onnxruntime"] = None  # as if it were not installed
+import answerfirst
+from answerfirst.export.onnx import export_onnx
+for call in (lambda: answerfirst.load({str(onnx_export)!r}), lambda: export_onnx({str(tiny_checkpoint)!r}, {str(tmp_path / "x")!r})):
+    try:
+        call()
+    except ImportError as e:
+        print("IMPORT-ERROR:", e)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("IMPORT-ERROR:")]
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert all('pip install "answerfirst[onnx]"' in line for line in lines)
+
+
+def test_bad_export_arguments(tiny_checkpoint, tmp_path):
+    from answerfirst.export.onnx import export_onnx
+
+    with pytest.raises(ValueError, match="int8_scheme"):
+        export_onnx(tiny_checkpoint, tmp_path / "x", int8_scheme="per-row")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        export_onnx(tmp_path / "missing", tmp_path / "x")
+    with pytest.raises(ValueError, match="--out must differ"):
+        export_onnx(tiny_checkpoint, tiny_checkpoint)
