@@ -150,7 +150,7 @@ def test_prefix_kv_is_shared_not_copied(fp32_scorer):
     """The graph broadcasts ONE (1, kv, P, d) prefix KV over the batch and returns no KV while scoring."""
     backend = fp32_scorer.backend
     prompts = fp32_scorer.prompts.prompts(QUERY, DOCS[:3])
-    past = backend._prefix(prompts[0].prefix_ids)
+    past = backend._run_prefix(prompts[0].prefix_ids)
     k0 = past["past_key.0"]
     assert k0.shape == (1, backend.kv_heads, len(prompts[0].prefix_ids), backend.head_dim)
     continuations = [p.continuation_ids for p in prompts]
@@ -290,3 +290,9 @@ def test_bad_export_arguments(tiny_checkpoint, tmp_path):
         export_onnx(tmp_path / "missing", tmp_path / "x")
     with pytest.raises(ValueError, match="--out must differ"):
         export_onnx(tiny_checkpoint, tiny_checkpoint)
+
+
+def test_prefix_runs_once_per_query_across_batches(onnx_export):
+    scorer = answerfirst.load(onnx_export, variant="fp32", config=ScorerConfig(batch_size=2))
+    scorer.score(QUERY, DOCS)  # 5 docs -> 3 batches
+    assert scorer.backend.prefix_cache.misses == 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from answerfirst.artifact import Manifest, ManifestError, Variant
-from answerfirst.runtime.api import ScorerConfig, bind_format
+from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +107,7 @@ class OnnxBackend:
         self._empty_rows = np.zeros((0,), dtype=np.int64)
         self._row0 = np.zeros((1,), dtype=np.int64)
         self._empty_past = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        self._prefix_lock = threading.Lock()
-        self._prefix_cache: tuple[tuple[int, ...], dict[str, np.ndarray]] | None = None
+        self.prefix_cache = PrefixCache()
 
     # -- scoring ---------------------------------------------------------------------------------
 
@@ -120,19 +118,15 @@ class OnnxBackend:
         input_ids = np.full((len(continuations), int(lengths.max())), self.pad_id, dtype=np.int64)
         for row, ids in enumerate(continuations):
             input_ids[row, : len(ids)] = ids  # (B, T) right-padded: causal attention never sees later pads
-        past = self._empty_feed() if prefix_ids is None else self._prefix(tuple(int(i) for i in prefix_ids))
+        past = self._empty_feed() if prefix_ids is None else self.prefix_cache.get(prefix_ids, self._run_prefix)
         (grade_logits,) = self.session.run(
             ["grade_logits"],
             {"input_ids": input_ids, "lengths": lengths, "kv_rows": self._empty_rows, "vocab_rows": self._empty_rows, **past},
         )
         return grade_logits  # (B, K)
 
-    def _prefix(self, prefix_ids: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """The prefix KV (1, kv_heads, P, head_dim) per layer; the last query's is kept, so the batches
-        of one score() call (and repeated calls for the same query) run the prefix once."""
-        with self._prefix_lock:
-            if self._prefix_cache is not None and self._prefix_cache[0] == prefix_ids:
-                return self._prefix_cache[1]
+    def _run_prefix(self, prefix_ids: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The prefix KV (1, kv_heads, P, head_dim) per layer (PrefixCache keeps the last few)."""
         ids = np.array([prefix_ids], dtype=np.int64)  # (1, P)
         present = self.session.run(
             self.present_names,
@@ -144,10 +138,7 @@ class OnnxBackend:
                 **self._empty_feed(),
             },
         )
-        past = dict(zip(self.past_names, present, strict=True))
-        with self._prefix_lock:
-            self._prefix_cache = (prefix_ids, past)
-        return past
+        return dict(zip(self.past_names, present, strict=True))
 
     def _empty_feed(self) -> dict[str, np.ndarray]:
         return dict.fromkeys(self.past_names, self._empty_past)
