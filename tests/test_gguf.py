@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
+from pairs import DOCS, PAIRS, QUERY, as_array  # noqa: E402
+
 import answerfirst  # noqa: E402
 from answerfirst.artifact import Manifest, ManifestError, checkpoint_hash  # noqa: E402
 from answerfirst.export.gguf import QUANTS, TENSOR_TABLE, GGUFExportError, export_gguf, tensor_names  # noqa: E402
@@ -29,15 +31,6 @@ from answerfirst.runtime._llamacpp import (  # noqa: E402
 )
 from answerfirst.runtime.api import ScorerConfig  # noqa: E402
 
-QUERY = "red running shoes"
-DOCS = [
-    "Lightweight red running shoes with a breathable mesh upper.",
-    "Over-ear wireless headphones, 30 hour battery.",
-    "Insulated stainless steel bottle, 750 ml, keeps drinks cold all day long while you run.",
-    "Red shoes.",
-    "Prix: 49,90 € — Größe 42 — couleur rouge — 速干 跑步鞋",
-]
-PAIRS = [(QUERY, d) for d in DOCS] + [("wireless headphones", d) for d in DOCS[:3]]
 F32_KV = ScorerConfig(kv_cache_type="f32", n_ctx=2048)
 RANDOM_Q4_K_M_BOUND = 0.35  # max |dp| of Q4_K_M on the 256-aligned random model (measured 0.29)
 # Text the tokenizers must agree on: unicode (accents, CJK, emoji), digits, whitespace runs,
@@ -54,10 +47,6 @@ VARIED = [
     "\n\nDocument:\n",
     "x" * 300,
 ]
-
-
-def as_array(scores):
-    return np.array([s.probs for s in scores])
 
 
 @pytest.fixture(scope="module")

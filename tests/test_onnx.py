@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pairs import DOCS, PAIRS, QUERY, as_array
 
 import answerfirst
 from answerfirst.artifact import Manifest, ManifestError
@@ -18,21 +19,8 @@ from answerfirst.runtime.api import ScorerConfig
 
 pytest.importorskip("onnxruntime")
 
-QUERY = "red running shoes"
-DOCS = [
-    "Lightweight red running shoes with a breathable mesh upper.",
-    "Over-ear wireless headphones, 30 hour battery.",
-    "Insulated stainless steel bottle, 750 ml, keeps drinks cold all day long while you run.",
-    "Red shoes.",
-    "Prix: 49,90 € — Größe 42 — couleur rouge — 速干 跑步鞋",
-]
-PROBE = [(QUERY, d) for d in DOCS] + [("wireless headphones", d) for d in DOCS[:3]]
 # int8 dynamic quantization of a random tiny model (hidden 64): measured max |dp| ~1e-2 on these pairs.
 INT8_MAX_ABS_DP = 0.05
-
-
-def as_array(scores):
-    return np.array([s.probs for s in scores])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,7 @@ def onnx_export(tiny_checkpoint, tmp_path_factory) -> Path:
     from answerfirst.export.onnx import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "export"
-    export_onnx(tiny_checkpoint, out, probe_pairs=PROBE)
+    export_onnx(tiny_checkpoint, out, probe_pairs=PAIRS)
     return out
 
 
@@ -66,7 +54,7 @@ def test_manifest_lists_int8_then_fp32_with_parity_and_is_self_contained(onnx_ex
     assert [v.name for v in manifest.variants] == ["int8", "fp32"]  # fastest first
     fp32 = manifest.variant("fp32")
     assert fp32.parity["passed"] and fp32.parity["max_abs_dp"] <= 1e-4
-    assert fp32.parity["pairs"] == len(PROBE)
+    assert fp32.parity["pairs"] == len(PAIRS)
     int8 = manifest.variant("int8")
     assert int8.quantization in ("int8-dynamic-per-channel", "int8-dynamic-per-tensor")
     assert set(manifest.info["int8"]["candidates"]) == {"per-channel", "per-tensor"}
@@ -93,7 +81,7 @@ def test_failed_parity_is_recorded_and_logged_not_silent(tiny_checkpoint, tmp_pa
     from answerfirst.export.onnx import export_onnx
 
     with caplog.at_level("WARNING"):
-        manifest = export_onnx(tiny_checkpoint, tmp_path / "e", probe_pairs=PROBE, int8_scheme="per-tensor")
+        manifest = export_onnx(tiny_checkpoint, tmp_path / "e", probe_pairs=PAIRS, int8_scheme="per-tensor")
     int8 = manifest.variant("int8")
     assert int8.quantization == "int8-dynamic-per-tensor"
     report = int8.parity
@@ -110,7 +98,7 @@ def test_resume_reuses_the_fp32_graph_of_the_same_weights(tiny_checkpoint, expor
     from answerfirst.export.onnx import FP32_FILE, export_onnx
 
     before = (export_copy / FP32_FILE).stat().st_mtime_ns
-    export_onnx(tiny_checkpoint, export_copy, int8=False, probe_pairs=PROBE[:2])
+    export_onnx(tiny_checkpoint, export_copy, int8=False, probe_pairs=PAIRS[:2])
     assert (export_copy / FP32_FILE).stat().st_mtime_ns == before
     assert [v.name for v in Manifest.read(export_copy).variants] == ["fp32"]
 

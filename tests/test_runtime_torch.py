@@ -8,21 +8,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from pairs import DOCS, QUERY, as_array
 from transformers import AutoModelForCausalLM
 
 import answerfirst
 from answerfirst.afrl import FormatError
 from answerfirst.artifact import ManifestError
 from answerfirst.runtime.api import ScorerConfig
-
-QUERY = "red running shoes"
-DOCS = [
-    "Lightweight red running shoes with a breathable mesh upper.",
-    "Over-ear wireless headphones, 30 hour battery.",
-    "Insulated stainless steel bottle, 750 ml, keeps drinks cold all day long while you run.",
-    "Red shoes.",
-    "Prix: 49,90 € — Größe 42 — couleur rouge — 速干 跑步鞋",
-]
 
 
 def reference_probs(checkpoint, scorer, query, docs):
@@ -35,10 +27,6 @@ def reference_probs(checkpoint, scorer, query, docs):
             logits = model(input_ids=ids).logits[0, -1]  # (V,)
         out.append(torch.softmax(logits[list(scorer.prompts.grade_ids)].double(), dim=-1).numpy())
     return np.array(out)
-
-
-def as_array(scores):
-    return np.array([s.probs for s in scores])
 
 
 def test_probs_equal_full_model_softmax_at_the_last_prompt_position(tiny_checkpoint, tiny_scorer):
