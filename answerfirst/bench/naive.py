@@ -1,0 +1,51 @@
+"""Contender (a): the reranker a user writes today from the Qwen3-Reranker model-card pattern.
+
+Left-padded batch of whole prompts, a full forward through `AutoModelForCausalLM` (logits for the
+whole vocabulary at every position), `logits[:, -1]`, then the grade columns. No prefix reuse, no
+length sorting, no head restriction: the baseline every speed-up is measured against. The prompts
+still come from PromptTokenizer, so (a) scores exactly the token sequences our backends score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from answerfirst.afrl import Score, scores_from_logits
+from answerfirst.artifact import Manifest, has_manifest
+from answerfirst.runtime.api import ScorerConfig, bind_format
+
+
+class NaiveReranker:
+    name = "naive"
+
+    def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 16):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        manifest = Manifest.read(path) if has_manifest(path) else None
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.prompts = bind_format(self.tokenizer, manifest, ScorerConfig(), where=str(path))
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.batch_size = batch_size
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.prompts.suffix_ids[-1]
+
+    @torch.inference_mode()
+    def score(self, query: str, docs: Sequence[str]) -> list[Score]:
+        prompts = self.prompts.prompts(query, docs)
+        grade_logits = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = [p.input_ids for p in prompts[start : start + self.batch_size]]
+            width = max(len(ids) for ids in batch)
+            # (B, T) left-padded, as `tokenizer(..., padding_side="left")` would give
+            input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in batch])
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, :]  # (B, V)
+            grade_logits.append(logits[:, list(self.prompts.grade_ids)].float().numpy())  # (B, K)
+        values = self.prompts.format.values
+        return scores_from_logits(np.concatenate(grade_logits), values, [p.truncated for p in prompts])

@@ -1,0 +1,659 @@
+"""`answerfirst bench [--quick]`: every backend against the naive reference, on the same pairs.
+
+    config -> artifacts (random Qwen3-0.6B with the Qwen vocabulary, ONNX and GGUF exports; cached)
+           -> workload W -> one worker process per contender -> warm-up -> interleaved repeats
+           -> compute floor -> curves (length, documents, threads) on the fastest backend
+           -> bench/results/{bench.json, bench.md, *.png}
+
+Contenders: (a) naive reference (left-padded full forward, logits[:, -1]); (b) torch fp32;
+(c) ONNX fp32; (d) ONNX int8; (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with prefix reuse
+on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is measured.
+
+Sizing (2 cores, real size): one W query (32 docs × 64–192 tokens) is ~4k continuation tokens with
+prefix reuse and ~10k without; at ~100 GFLOP/s fp32 that is tens of seconds for fp32 contenders and
+a couple of minutes for the naive reference. So the full run times each "reuse" mode `repeats`
+times and the naive / no-reuse baselines `baseline_repeats` times, warms up on the first batch of
+documents only, runs the curves on the fastest backend only, with few documents per point, and
+stops adding repeats or curve points when the time budget would be exceeded (what was skipped is
+recorded in the results, never silently dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from answerfirst.bench.flops import ModelShape, floor_seconds, matmul_throughput, useful_flops
+from answerfirst.bench.workload import Workload, build_workload, workload_w
+
+logger = logging.getLogger(__name__)
+
+# name -> (artifact, variant key, precision, compute floor the contender is held to)
+CONTENDERS: dict[str, tuple[str, str | None, str, str]] = {
+    "naive": ("naive", None, "fp32", "fp32"),
+    "torch-fp32": ("checkpoint", None, "fp32", "fp32"),
+    "onnx-fp32": ("onnx", "fp32", "fp32", "fp32"),
+    "onnx-int8": ("onnx", "int8", "int8", "int8"),
+    "gguf-f16": ("gguf", "f16", "f16", "fp32"),
+    "gguf-q8_0": ("gguf", "q8_0", "q8_0", "int8"),
+    "gguf-q4_k_m": ("gguf", "q4_k_m", "q4_k_m", "int8"),
+}
+REFERENCE = "torch-fp32"  # quality is measured against it
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+
+
+@dataclass
+class BenchConfig:
+    """What `answerfirst bench` runs; the defaults are the full run, `quick()` the reduced one.
+
+    model: a torch checkpoint to benchmark; None = a random Qwen3-0.6B with the real Qwen vocabulary
+        (built once, cached under cache_dir). onnx / gguf: existing exports of that model; None =
+        export the model once and cache the exports under cache_dir.
+    num_layers: override the random model's depth (the quick run uses a shallower Qwen3-0.6B).
+    threads: threads of every contender; None = all cores.
+    budget_s: wall-clock budget of the measurements (building and exporting the model, done once and
+        cached, comes on top: the default 15 min leaves the first full run ~10 min of a 25 min total
+        for it); repeats beyond the first and curve points are skipped, and recorded as skipped,
+        once it would be exceeded.
+    """
+
+    quick: bool = False
+    model: str | None = None
+    onnx: str | None = None
+    gguf: str | None = None
+    out_dir: str = "bench/results"
+    cache_dir: str = "artifacts/bench"
+    contenders: tuple[str, ...] = tuple(CONTENDERS)
+    num_layers: int | None = None
+    docs: int = 32
+    doc_tokens: tuple[int, int] = (64, 192)
+    repeats: int = 3
+    baseline_repeats: int = 1
+    warmup_docs: int = 16
+    batch_size: int = 16
+    threads: int | None = None
+    curves: bool = True
+    curve_lengths: tuple[int, ...] = (32, 64, 128, 256, 512)
+    curve_length_docs: int = 4
+    curve_docs: tuple[int, ...] = (1, 4, 16, 64)
+    curve_docs_length: int = 128
+    curve_threads: tuple[int, ...] = (1, 2, 0)  # 0 = all cores
+    curve_threads_docs: int = 16
+    budget_s: float = 15 * 60
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.contenders = tuple(self.contenders)
+        unknown = [c for c in self.contenders if c not in CONTENDERS]
+        if unknown:
+            raise ValueError(f"contenders: unknown {unknown}; choose from {', '.join(CONTENDERS)}")
+        if "naive" not in self.contenders:
+            raise ValueError("contenders: must include 'naive' (every speed-up is measured against it)")
+        for name in ("docs", "repeats", "baseline_repeats", "warmup_docs", "batch_size", "curve_length_docs", "curve_docs_length", "curve_threads_docs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        low, high = self.doc_tokens
+        if not 1 <= low <= high:
+            raise ValueError(f"doc_tokens: need 1 <= low <= high, got {self.doc_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: must be >= 1 or None (all cores), got {self.threads}")
+        if any(t < 0 for t in self.curve_threads):
+            raise ValueError(f"curve_threads: thread counts must be >= 1, or 0 for all cores; got {self.curve_threads}")
+        if any(n < 1 for n in (*self.curve_lengths, *self.curve_docs)):
+            raise ValueError("curve_lengths / curve_docs: every point must be >= 1")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"num_layers: must be >= 1, got {self.num_layers}")
+        if self.budget_s <= 0:
+            raise ValueError(f"budget_s: must be positive, got {self.budget_s}")
+
+    @classmethod
+    def quick_preset(cls, **overrides: Any) -> BenchConfig:
+        """A few minutes: a 4-layer Qwen3-0.6B (real width and vocabulary), 8 documents, short curves."""
+        preset = dict(
+            quick=True, num_layers=4, docs=8, repeats=2, baseline_repeats=1, warmup_docs=4, batch_size=8,
+            curve_lengths=(32, 128, 512), curve_length_docs=2, curve_docs=(1, 8), curve_threads=(1, 0),
+            curve_threads_docs=4, budget_s=4 * 60, out_dir="artifacts/bench/results-quick",
+        )
+        preset.update(overrides)
+        return cls(**preset)
+
+    @property
+    def all_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Artifacts: the checkpoint and its exports, built once and cached
+# ------------------------------------------------------------------------------------------------
+
+
+def random_checkpoint(cache_dir: Path, num_layers: int | None, progress: Callable[[str], None]) -> Path:
+    """A random Qwen3-0.6B (optionally shallower) with the real Qwen tokenizer, saved once."""
+    from answerfirst.afrl import AFRLFormat, PromptTokenizer
+    from answerfirst.artifact import Manifest, checkpoint_hash, has_manifest
+    from answerfirst.offline import QWEN3_0_6B, qwen_tokenizer, random_qwen3
+
+    name = "qwen3-0.6b-random" + (f"-{num_layers}layers" if num_layers else "")
+    out = cache_dir / name
+    if has_manifest(out):
+        return out
+    progress(f"building {name} (random weights, Qwen vocabulary) in {out}")
+    tokenizer = qwen_tokenizer()
+    overrides = {"num_hidden_layers": num_layers} if num_layers else {}
+    model = random_qwen3(tokenizer, shape=QWEN3_0_6B, seed=0, **overrides)
+    partial = out.with_name(out.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    fmt = AFRLFormat.from_chat_template(tokenizer)
+    manifest = Manifest(
+        kind="checkpoint",
+        format=fmt,
+        grade_token_ids=PromptTokenizer(tokenizer, fmt).grade_ids,
+        source={"model": f"random {name} (answerfirst.offline.QWEN3_0_6B)", "sha256": checkpoint_hash(partial)},
+        info={"note": "random weights: latency does not depend on weight values"},
+    )
+    manifest.write(partial)  # the manifest is written last: its presence marks a complete checkpoint
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
+
+
+def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Callable[[str], None]) -> Path:
+    """The cached ONNX or GGUF export of `checkpoint` (exported now if missing or stale)."""
+    from answerfirst.artifact import Manifest, ManifestError, checkpoint_hash, has_manifest
+
+    given = config.onnx if kind == "onnx" else config.gguf
+    if given is not None:
+        return Path(given)
+    digest = checkpoint_hash(checkpoint)
+    out = Path(config.cache_dir) / "exports" / digest[:16] / kind
+    wanted = {"onnx": ("fp32", "int8"), "gguf": GGUF_QUANTS}[kind]
+    if has_manifest(out):
+        try:
+            manifest = Manifest.read(out)
+            names = {v.name.lower() for v in manifest.variants}
+            if manifest.source.get("sha256") == digest and set(wanted) <= names:
+                return out
+        except ManifestError as e:
+            logger.warning("re-exporting %s: %s", out, e)
+    progress(f"exporting {checkpoint} to {kind} in {out} (once; later runs reuse it)")
+    started = time.perf_counter()
+    if kind == "onnx":
+        from answerfirst.export.onnx import export_onnx
+
+        export_onnx(checkpoint, out)
+    else:
+        from answerfirst.export.gguf import export_gguf
+
+        export_gguf(checkpoint, out, quants=GGUF_QUANTS)
+    progress(f"exported {kind} in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def find_variant(directory: Path, key: str) -> str:
+    """The export variant whose name or quantization is `key` (case-insensitive)."""
+    from answerfirst.artifact import Manifest, ManifestError
+
+    manifest = Manifest.read(directory)
+    for variant in manifest.variants:
+        if key in (variant.name.lower(), variant.quantization.lower()):
+            return variant.name
+    raise ManifestError(f"{directory} has no {key} variant (it has {', '.join(v.name for v in manifest.variants)})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: one process per contender
+# ------------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """A contender loaded in its own process (answerfirst.bench.worker), driven over JSON lines."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.name = spec["name"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "answerfirst.bench.worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.ready: dict[str, Any] | None = None
+
+    def wait_ready(self) -> dict[str, Any]:
+        if self.ready is None:
+            self.ready = self._read()
+            if not self.ready.get("ready"):
+                self.close()
+        return self.ready
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def score(self, mode: str, workload: Workload) -> dict[str, Any]:
+        reply = self.request({"op": "score", "mode": mode, "query": workload.query, "docs": list(workload.docs)})
+        if "error" in reply:
+            raise RuntimeError(f"{self.name} ({mode}) failed on {workload.name}: {reply['error']}")
+        return reply
+
+    def _read(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            stderr = self.process.stderr.read() if self.process.poll() is not None else ""
+            tail = "\n".join(stderr.strip().splitlines()[-5:])
+            return {"ready": False, "error": f"worker exited (code {self.process.poll()}): {tail}"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    artifact: str
+    precision: str
+    floor: str
+    status: str = "pending"  # ok | skipped | failed
+    reason: str = ""
+    path: str = ""
+    variant: str | None = None
+    load_seconds: float | None = None
+    rss_after_load_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    latencies_s: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-query seconds
+    scores: dict[str, Any] = field(default_factory=dict)  # mode -> {"probs", "expected"} of the first run
+
+
+def machine_description() -> dict[str, Any]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        memory_gib = None
+    versions = {}
+    for package in ("torch", "transformers", "onnxruntime", "llama_cpp", "numpy"):
+        try:
+            versions[package] = __import__(package).__version__
+        except (ImportError, AttributeError):
+            versions[package] = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Run every contender on workload W (and the curves); returns the results dict (see report.py)."""
+    from answerfirst.artifact import Manifest, has_manifest
+    from answerfirst.runtime.api import ScorerConfig, bind_format
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    progress(f"bench config: {json.dumps(asdict(config))}")
+    if load_before[0] > 1.5:
+        progress(f"WARNING: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other work is running, "
+                 "so these timings will not be representative (recorded in the results)")
+    cache_dir = Path(config.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- artifacts ------------------------------------------------------------------------------
+    checkpoint = Path(config.model) if config.model else random_checkpoint(cache_dir, config.num_layers, progress)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"--model {checkpoint}: not a torch checkpoint directory (no config.json); "
+                                "benchmark a checkpoint and pass its exports with --onnx / --gguf")
+    results = {name: ContenderResult(name, *CONTENDERS[name][0:1], *CONTENDERS[name][2:]) for name in config.contenders}
+    exports: dict[str, Path | Exception] = {}
+    for kind in ("onnx", "gguf"):
+        if any(CONTENDERS[name][0] == kind for name in config.contenders):
+            try:
+                exports[kind] = export_dir(kind, checkpoint, config, progress)
+            except Exception as e:  # the contenders of this kind are recorded as skipped, with why
+                logger.warning("%s export unavailable: %s", kind, e)
+                exports[kind] = e
+
+    from transformers import AutoTokenizer
+
+    manifest = Manifest.read(checkpoint) if has_manifest(checkpoint) else None
+    prompts = bind_format(AutoTokenizer.from_pretrained(checkpoint), manifest, ScorerConfig(), where=str(checkpoint))
+    shape_config = json.loads((checkpoint / "config.json").read_text())
+    shape = ModelShape.from_config(shape_config)
+    workload = workload_w(prompts, config.docs, config.doc_tokens, config.seed)
+    progress(f"workload W: {json.dumps({k: v for k, v in workload.describe().items() if k != 'doc_tokens'})}")
+
+    # The budget covers the measurements; building and exporting the model (once) comes on top.
+    deadline = time.perf_counter() + config.budget_s
+    artifacts_seconds = time.perf_counter() - started
+
+    # -- workers ----------------------------------------------------------------------------------
+    threads = config.all_threads
+    workers: dict[str, Worker] = {}
+    for name, result in results.items():
+        artifact, key = CONTENDERS[name][0], CONTENDERS[name][1]
+        if artifact in ("naive", "checkpoint"):
+            result.path = str(checkpoint)
+        else:
+            export = exports[artifact]
+            if isinstance(export, Exception):
+                result.status, result.reason = "skipped", f"{artifact} export unavailable: {export}"
+                continue
+            try:
+                result.variant = find_variant(export, key)
+            except Exception as e:
+                result.status, result.reason = "skipped", str(e)
+                continue
+            result.path = str(export)
+        spec = {"name": name, "kind": "naive" if artifact == "naive" else "scorer", "path": result.path,
+                "variant": result.variant, "threads": threads, "batch_size": config.batch_size}
+        workers[name] = Worker(spec)
+    try:
+        _run_main_phase(config, workload, results, workers, deadline, progress)
+        floor = _compute_floor(config, shape, workload, prompts, progress)
+        curves = _run_curves(config, prompts, workload, results, workers, deadline, progress)
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+    summary = _summarise(config, results, workload, shape, floor, curves, started, load_before)
+    summary["artifacts_seconds"] = artifacts_seconds  # building + exporting (0-ish when cached)
+    return summary
+
+
+def _run_main_phase(config, workload, results, workers, deadline, progress) -> None:
+    for name, worker in workers.items():
+        ready = worker.wait_ready()
+        result = results[name]
+        if not ready.get("ready"):
+            result.status, result.reason = "failed", f"could not load: {ready.get('error')}"
+            progress(f"{name}: FAILED to load: {ready.get('error')}")
+            continue
+        result.status = "ok"
+        result.load_seconds = ready["load_seconds"]
+        result.rss_after_load_bytes = ready["rss_bytes"]
+        progress(f"{name}: loaded in {ready['load_seconds']:.1f} s, RSS {ready['rss_bytes'] / 2**20:.0f} MiB")
+    running = [name for name in workers if results[name].status == "ok"]
+    # Every (contender, mode) timed, with its number of repeats: baselines (naive, no reuse) fewer.
+    plan = [(name, mode) for name in running for mode in (("noreuse",) if name == "naive" else ("reuse", "noreuse"))]
+    target = {(n, m): config.baseline_repeats if (n == "naive" or m == "noreuse") else config.repeats for n, m in plan}
+
+    warm = workload.head(min(config.warmup_docs, len(workload.docs)))
+    for name, mode in plan:
+        try:
+            workers[name].score(mode, warm)
+        except RuntimeError as e:
+            results[name].status, results[name].reason = "failed", str(e)
+    plan = [(n, m) for n, m in plan if results[n].status == "ok"]
+    progress(f"warm-up done ({len(warm.docs)} docs per contender and mode); timing {len(plan)} contender modes")
+
+    rounds = max(target.values(), default=0)
+    for round_index in range(rounds):
+        todo = [(n, m) for n, m in plan if len(results[n].latencies_s.get(m, [])) < target[(n, m)]]
+        if round_index > 0:
+            # Skip the round if its estimate (last time of each entry) overruns the budget.
+            estimate = sum(results[n].latencies_s[m][-1] for n, m in todo)
+            if time.perf_counter() + estimate > deadline:
+                progress(f"time budget: stopping after {round_index} round(s) (next round needs ~{estimate:.0f} s)")
+                break
+        # Interleaved: each round visits every entry once, in an order rotated per round, so a
+        # slow spell of the (shared) machine spreads over contenders instead of hitting one.
+        shift = round_index % max(len(todo), 1)
+        for name, mode in todo[shift:] + todo[:shift]:
+            try:
+                reply = workers[name].score(mode, workload)
+            except RuntimeError as e:
+                results[name].status, results[name].reason = "failed", str(e)
+                progress(f"{name} {mode}: FAILED: {e}")
+                continue
+            results[name].latencies_s.setdefault(mode, []).append(reply["seconds"])
+            results[name].scores.setdefault(mode, {"probs": reply["probs"], "expected": reply["expected"]})
+            progress(f"round {round_index + 1}/{rounds}  {name:<12} {mode:<8} {reply['seconds']:8.2f} s "
+                     f"({len(workload.docs) / reply['seconds']:6.2f} pairs/s)")
+    for name in running:
+        if results[name].status == "ok":
+            results[name].peak_rss_bytes = workers[name].request({"op": "stats"})["peak_rss_bytes"]
+
+
+def _compute_floor(config, shape, workload, prompts, progress) -> dict[str, Any]:
+    """Matmul throughput at the model's shapes (rows = one batch of continuations) and the floor time of W."""
+    mean_continuation = int(np.mean(workload.continuation_lens))
+    rows = min(config.batch_size, len(workload.docs)) * mean_continuation
+    rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "int8")}
+    flops = useful_flops(shape, workload.prefix_tokens, workload.continuation_lens, len(prompts.grade_ids))
+    floor = {
+        "rows": rows,
+        "threads": config.all_threads,
+        "fp32_gflops": rates["fp32"] / 1e9,
+        "int8_gops": rates["int8"] / 1e9,
+        "useful_gflop": flops.total / 1e9,
+        "useful_linear_gflop": flops.linear / 1e9,
+        "useful_attention_gflop": flops.attention / 1e9,
+        "useful_tokens": flops.tokens,
+        "seconds": {
+            "fp32": floor_seconds(flops, rates["fp32"], rates["fp32"]),
+            "int8": floor_seconds(flops, rates["int8"], rates["fp32"]),
+        },
+    }
+    progress(f"compute floor of W: {flops.total / 1e9:.3g} useful GFLOP; fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s -> "
+             f"{floor['seconds']['fp32']:.2f} s, int8 {rates['int8'] / 1e9:.0f} GOP/s -> {floor['seconds']['int8']:.2f} s")
+    return floor
+
+
+def _run_curves(config, prompts, workload, results, workers, deadline, progress) -> dict[str, Any]:
+    """ms per document vs document length, vs documents per query, vs threads, on the fastest backend."""
+    ours = [r for r in results.values() if r.name != "naive" and r.status == "ok" and r.latencies_s.get("reuse")]
+    if not config.curves or not ours:
+        return {"skipped": "curves switched off" if not config.curves else "no backend of ours ran"}
+    best = min(ours, key=lambda r: float(np.median(r.latencies_s["reuse"])))
+    curves: dict[str, Any] = {"backend": best.name, "skipped": []}
+    worker = workers[best.name]
+
+    def point(label: str, load: Workload, run: Callable[[Workload], float]) -> dict[str, Any] | None:
+        if time.perf_counter() > deadline:
+            curves["skipped"].append(label)
+            return None
+        seconds = run(load)
+        progress(f"curve {best.name} {label}: {1000 * seconds / len(load.docs):.1f} ms/doc")
+        return {"docs": len(load.docs), "doc_tokens_mean": float(np.mean(load.doc_tokens)),
+                "seconds": seconds, "ms_per_doc": 1000 * seconds / len(load.docs)}
+
+    timed = lambda load: worker.score("reuse", load)["seconds"]  # noqa: E731
+    curves["length"] = []
+    for length in config.curve_lengths:
+        if length > prompts.format.max_doc_tokens:
+            curves["skipped"].append(f"length={length} (above max_doc_tokens {prompts.format.max_doc_tokens})")
+            continue
+        load = build_workload(prompts, f"length={length}", [length] * config.curve_length_docs, seed=config.seed + length)
+        if (entry := point(f"length={length}", load, timed)) is not None:
+            curves["length"].append({"length": length, **entry})
+    curves["docs"] = []
+    for count in config.curve_docs:
+        load = build_workload(prompts, f"docs={count}", [config.curve_docs_length] * count, seed=config.seed + 7)
+        if (entry := point(f"docs={count}", load, timed)) is not None:
+            curves["docs"].append({"documents": count, **entry})
+    curves["threads"] = []
+    counts = sorted({t or (os.cpu_count() or 1) for t in config.curve_threads})
+    threads_load = workload.head(min(config.curve_threads_docs, len(workload.docs)))
+    for count in counts:
+        def timed_threads(load: Workload, count: int = count) -> float:
+            if count == config.all_threads:
+                return timed(load)
+            other = Worker({**worker.spec, "threads": count})
+            try:
+                ready = other.wait_ready()
+                if not ready.get("ready"):
+                    raise RuntimeError(ready.get("error"))
+                other.score("reuse", load.head(min(config.warmup_docs, len(load.docs))))  # warm-up
+                return other.score("reuse", load)["seconds"]
+            finally:
+                other.close()
+
+        try:
+            entry = point(f"threads={count}", threads_load, timed_threads)
+        except RuntimeError as e:
+            curves["skipped"].append(f"threads={count}: {e}")
+            continue
+        if entry is not None:
+            curves["threads"].append({"threads": count, **entry})
+    return curves
+
+
+def _summarise(config, results, workload, shape, floor, curves, started, load_before) -> dict[str, Any]:
+    from answerfirst.metrics import agreement, spearman
+
+    def stats(latencies: Sequence[float]) -> dict[str, Any]:
+        seconds = np.asarray(latencies)
+        mean = float(seconds.mean())
+        return {"latencies_s": [float(s) for s in seconds], "repeats": len(seconds), "mean_s": mean,
+                "p50_s": float(np.percentile(seconds, 50)), "p95_s": float(np.percentile(seconds, 95)),
+                "pairs_per_s": len(workload.docs) / mean, "ms_per_doc": 1000 * mean / len(workload.docs)}
+
+    naive = results["naive"]
+    naive_rate = stats(naive.latencies_s["noreuse"])["pairs_per_s"] if naive.latencies_s.get("noreuse") else None
+    reference = results.get(REFERENCE)
+    reference_scores = reference.scores.get("reuse") if reference else None
+    entries = []
+    for result in results.values():
+        entry: dict[str, Any] = {
+            "name": result.name, "artifact": result.artifact, "precision": result.precision, "status": result.status,
+            "reason": result.reason, "path": result.path, "variant": result.variant,
+            "load_seconds": result.load_seconds, "rss_after_load_bytes": result.rss_after_load_bytes,
+            "peak_rss_bytes": result.peak_rss_bytes,
+            "modes": {mode: stats(lat) for mode, lat in result.latencies_s.items()},
+        }
+        main_mode = "noreuse" if result.name == "naive" else "reuse"
+        main = entry["modes"].get(main_mode)
+        entry["pairs_per_s"] = main["pairs_per_s"] if main else None
+        entry["p50_s"] = main["p50_s"] if main else None
+        entry["p95_s"] = main["p95_s"] if main else None
+        entry["ms_per_doc"] = main["ms_per_doc"] if main else None
+        entry["speedup_vs_naive"] = main["pairs_per_s"] / naive_rate if main and naive_rate else None
+        no_reuse = entry["modes"].get("noreuse")
+        entry["prefix_reuse_speedup"] = (
+            main["pairs_per_s"] / no_reuse["pairs_per_s"] if main and no_reuse and result.name != "naive" else None
+        )
+        floor_s = floor["seconds"][result.floor]
+        entry["floor"] = {"kind": result.floor, "seconds": floor_s,
+                          "ratio": main["p50_s"] / floor_s if main else None}  # measured / floor (1.0 = at the floor)
+        quality: dict[str, Any] = {}
+        mine = result.scores.get(main_mode)
+        if mine and reference_scores and result.name != REFERENCE:
+            ref_probs, my_probs = np.asarray(reference_scores["probs"]), np.asarray(mine["probs"])
+            quality = {"vs": REFERENCE, "agreement": agreement(ref_probs.argmax(1), my_probs.argmax(1)),
+                       "spearman": spearman(reference_scores["expected"], mine["expected"]),
+                       "max_abs_dp": float(np.abs(ref_probs - my_probs).max())}
+        if result.scores.get("reuse") and result.scores.get("noreuse"):
+            quality["reuse_vs_noreuse_max_abs_dp"] = float(
+                np.abs(np.asarray(result.scores["reuse"]["probs"]) - np.asarray(result.scores["noreuse"]["probs"])).max()
+            )
+        entry["quality"] = quality
+        entries.append(entry)
+    return {
+        "schema": 1,
+        "command": "answerfirst bench" + (" --quick" if config.quick else ""),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": {**machine_description(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "config": asdict(config),
+        "model": {"path": str(results["naive"].path), **asdict(shape),
+                  "linear_gflop_per_token": shape.linear_flops_per_token() / 1e9},
+        "workload": workload.describe(),
+        "floor": floor,
+        "contenders": entries,
+        "curves": curves,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="reduced run (4-layer model, 8 docs, short curves): a few minutes")
+    parser.add_argument("--model", default=None, help="torch checkpoint to benchmark (default: random Qwen3-0.6B, Qwen vocab)")
+    parser.add_argument("--onnx", default=None, help="existing ONNX export of --model (default: export once, cached)")
+    parser.add_argument("--gguf", default=None, help="existing GGUF export of --model (default: export once, cached)")
+    parser.add_argument("--out", default=None, help="results directory (default bench/results; quick: artifacts/bench/results-quick)")
+    parser.add_argument("--cache", default=None, help="artifact cache (default artifacts/bench)")
+    parser.add_argument("--contenders", default=None, help=f"comma-separated subset of {','.join(CONTENDERS)}")
+    parser.add_argument("--docs", type=int, default=None, help="documents in workload W")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each prefix-reuse mode")
+    parser.add_argument("--baseline-repeats", type=int, default=None, help="timed repeats of naive / no-reuse modes")
+    parser.add_argument("--threads", type=int, default=None, help="threads per contender (default: all cores)")
+    parser.add_argument("--layers", type=int, default=None, help="depth of the random model (default: 28, quick: 4)")
+    parser.add_argument("--no-curves", action="store_true", help="skip the length / documents / threads curves")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 15, quick 4)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    overrides: dict[str, Any] = {}
+    for arg, name in (("model", "model"), ("onnx", "onnx"), ("gguf", "gguf"), ("out", "out_dir"), ("cache", "cache_dir"),
+                      ("docs", "docs"), ("repeats", "repeats"), ("baseline_repeats", "baseline_repeats"),
+                      ("threads", "threads"), ("layers", "num_layers")):
+        if getattr(args, arg) is not None:
+            overrides[name] = getattr(args, arg)
+    if args.contenders:
+        overrides["contenders"] = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
+    if args.no_curves:
+        overrides["curves"] = False
+    if args.budget_minutes is not None:
+        overrides["budget_s"] = 60 * args.budget_minutes
+    if args.quick:
+        return BenchConfig.quick_preset(**overrides)
+    return BenchConfig(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from answerfirst.bench.report import write_report
+
+    config = config_from_args(args)
+    results = run_benchmark(config, progress=lambda message: print(message, flush=True))
+    paths = write_report(results, config.out_dir)
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

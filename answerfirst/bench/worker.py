@@ -1,0 +1,97 @@
+"""One contender in its own process: `python -m answerfirst.bench.worker SPEC_JSON`.
+
+The runner starts one worker per backend, so each backend's peak RSS is its own and no backend
+inherits another's thread pools or allocator state. The worker loads the model, answers "ready",
+then serves JSON-line requests on stdin until EOF:
+
+    {"op": "score", "mode": "reuse" | "noreuse", "query": str, "docs": [str]}
+        -> {"seconds": wall time of the scoring call, "probs": [[K floats]], "expected": [float]}
+    {"op": "stats"} -> {"peak_rss_bytes": int, "rss_bytes": int}
+
+Replies go to the original stdout; fd 1 is pointed at stderr, so a library that prints (llama.cpp
+does) cannot corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+MODES = ("reuse", "noreuse")
+
+
+def open_contender(spec: dict[str, Any]) -> dict[str, Any]:
+    """mode -> an object with .score(query, docs) -> list[Score]."""
+    threads, batch_size = spec["threads"], spec["batch_size"]
+    if spec["kind"] == "naive":
+        from answerfirst.bench.naive import NaiveReranker
+
+        return {"noreuse": NaiveReranker(spec["path"], threads=threads, batch_size=batch_size)}
+    import answerfirst
+
+    config = answerfirst.ScorerConfig(batch_size=batch_size)
+    scorer = answerfirst.load(spec["path"], threads=threads, variant=spec.get("variant"), config=config)
+    # Same adapter (same weights, same threads), prefix reuse switched off: its gain is measured.
+    no_reuse = answerfirst.Scorer(scorer.backend, scorer.prompts, replace(config, reuse_prefix=False), scorer.manifest)
+    return {"reuse": scorer, "noreuse": no_reuse}
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the high-water mark of this process's own address space. (getrusage's ru_maxrss is
+    not used: Linux carries it over from the parent through fork + exec, so every worker would
+    report at least the runner's RSS.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(message: dict[str, Any]) -> None:
+        protocol.write(json.dumps(message) + "\n")
+
+    try:
+        started = time.perf_counter()
+        scorers = open_contender(spec)
+        reply({"ready": True, "load_seconds": time.perf_counter() - started, "rss_bytes": rss_bytes()})
+    except Exception as e:  # reported to the runner, which records the contender as failed
+        reply({"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "stats":
+            reply({"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes()})
+            continue
+        scorer = scorers.get(request["mode"])
+        if scorer is None:
+            reply({"error": f"{spec['name']} has no mode {request['mode']!r}"})
+            continue
+        try:
+            start = time.perf_counter()
+            scores = scorer.score(request["query"], request["docs"])
+            seconds = time.perf_counter() - start
+        except Exception as e:
+            reply({"error": f"{type(e).__name__}: {e}"})
+            continue
+        reply({"seconds": seconds, "probs": [list(s.probs) for s in scores], "expected": [s.expected for s in scores]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

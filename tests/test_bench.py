@@ -1,0 +1,170 @@
+"""The latency benchmark: runner end to end on the tiny model, FLOP counting by hand, report rendering.
+
+No timing assertions: timings on a shared CI machine say nothing; the numbers checked here are the
+ones that must hold on any machine (schema, every contender, speed-ups derived from the latencies).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from answerfirst.bench.flops import ModelShape, floor_seconds, useful_flops
+from answerfirst.bench.runner import CONTENDERS, BenchConfig
+
+SMALL = ModelShape(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=4, vocab_size=100)
+
+
+def test_flops_by_hand():
+    # One layer's matmuls per token, 2 FLOPs per multiply-add:
+    #   q 8x8, k 8x4, v 8x4, o 8x8, gate 8x16, up 8x16, down 16x8
+    #   = 64 + 32 + 32 + 64 + 128 + 128 + 128 = 576 MACs -> 1152 FLOPs; 2 layers -> 2304.
+    assert SMALL.linear_flops_per_token() == 2304
+    # prefix 3, continuations of 2 and 1 tokens: positions 3, 4 | 3 -> attended 4 + 5 | 4 = 13.
+    # attention per attended position: 2 layers * 2 (QK, PV) * 2 FLOPs * 2 heads * 4 dims = 64.
+    flops = useful_flops(SMALL, prefix_len=3, continuation_lens=[2, 1], num_grades=5)
+    assert flops.tokens == 3
+    assert flops.linear == 3 * 2304
+    assert flops.attention == 13 * 64
+    assert flops.head == 2 * (2 * 8 * 5)  # K grade rows at the last position of each document
+    assert flops.total == 6912 + 832 + 160
+    # floor: linear at the linear rate, the rest at the fp32 rate
+    assert floor_seconds(flops, linear_flops_per_s=6912.0, fp32_flops_per_s=992.0) == pytest.approx(2.0)
+
+
+def test_flops_of_qwen3_0_6b_match_its_parameter_count():
+    from answerfirst.offline import QWEN3_0_6B
+
+    shape = ModelShape.from_config(QWEN3_0_6B)
+    # 2 FLOPs per weight of the decoder's linear layers: 28 * 15.73M weights (published: 0.44B non-embedding)
+    assert shape.linear_flops_per_token() == 2 * 28 * (1024 * 2048 * 2 + 1024 * 1024 * 2 + 3 * 1024 * 3072)
+    assert 0.43e9 < shape.linear_flops_per_token() / 2 < 0.45e9
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="contenders"):
+        BenchConfig(contenders=("torch-fp32",))
+    with pytest.raises(ValueError, match="docs"):
+        BenchConfig(docs=0)
+    with pytest.raises(ValueError, match="doc_tokens"):
+        BenchConfig(doc_tokens=(100, 50))
+
+
+def test_workload_token_counts(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from answerfirst.bench.workload import workload_w
+    from answerfirst.runtime.api import ScorerConfig, bind_format
+
+    prompts = bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, ScorerConfig(), "tiny")
+    workload = workload_w(prompts, docs=6, doc_tokens=(20, 40), seed=3)
+    assert len(workload.docs) == 6
+    for doc, count in zip(workload.docs, workload.doc_tokens, strict=True):
+        assert count == len(prompts.encode_text(doc))
+        assert 17 <= count <= 41  # cut to the drawn length; re-encoding may move it by a token or so
+    assert workload.prefix_tokens == len(prompts.prefix_ids(workload.query))
+    assert workload.describe()["tokens_per_query_without"] == sum(workload.continuation_lens) + 6 * workload.prefix_tokens
+
+
+@pytest.fixture(scope="module")
+def bench_results(tiny_checkpoint, tmp_path_factory):
+    from answerfirst.bench.runner import run_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(
+        model=str(tiny_checkpoint), cache_dir=str(root / "cache"), out_dir=str(root / "results"),
+        docs=3, doc_tokens=(20, 40), repeats=2, baseline_repeats=1, warmup_docs=2, batch_size=2,
+        curve_lengths=(16, 48), curve_length_docs=1, curve_docs=(1, 2), curve_docs_length=16,
+        curve_threads=(1,), curve_threads_docs=1, budget_s=600,
+    )
+    return run_benchmark(config), config
+
+
+@pytest.mark.slow
+def test_runner_end_to_end(bench_results):
+    results, config = bench_results
+    json.dumps(results)  # serialisable as is
+    assert {"machine", "config", "model", "workload", "floor", "contenders", "curves"} <= results.keys()
+    assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
+    by_name = {c["name"]: c for c in results["contenders"]}
+    assert list(by_name) == list(CONTENDERS)  # every contender present, in table order
+    for c in by_name.values():
+        assert c["status"] in ("ok", "skipped", "failed")
+        assert c["status"] == "ok" or c["reason"], f"{c['name']} not measured and no reason given"
+    # naive, torch and both ONNX variants must run on any machine with the [onnx] extra
+    for name in ("naive", "torch-fp32", "onnx-fp32", "onnx-int8"):
+        assert by_name[name]["status"] == "ok", by_name[name]["reason"]
+
+    naive = by_name["naive"]
+    assert list(naive["modes"]) == ["noreuse"] and naive["modes"]["noreuse"]["repeats"] == config.baseline_repeats
+    naive_rate = 3 / np.mean(naive["modes"]["noreuse"]["latencies_s"])
+    assert naive["speedup_vs_naive"] == pytest.approx(1.0)
+    for c in by_name.values():
+        if c["status"] != "ok":
+            continue
+        assert c["peak_rss_bytes"] > 50 * 2**20  # a Python process with a model: tens of MiB at least
+        if c["name"] == "naive":
+            continue
+        reuse, no_reuse = c["modes"]["reuse"], c["modes"]["noreuse"]
+        assert reuse["repeats"] == config.repeats and no_reuse["repeats"] == config.baseline_repeats
+        rate = 3 / np.mean(reuse["latencies_s"])
+        assert c["pairs_per_s"] == pytest.approx(rate)
+        assert c["speedup_vs_naive"] == pytest.approx(rate / naive_rate)
+        assert c["prefix_reuse_speedup"] == pytest.approx(rate / (3 / np.mean(no_reuse["latencies_s"])))
+        assert c["floor"]["ratio"] == pytest.approx(reuse["p50_s"] / c["floor"]["seconds"])
+        # prefix reuse changes the schedule, not the numbers (int8 / K-quant activations are
+        # quantized per call, so the prefix alone gets its own scales: a small, bounded change)
+        tolerance = 2e-3 if c["precision"] in ("fp32", "f16") else 0.05
+        assert c["quality"]["reuse_vs_noreuse_max_abs_dp"] < tolerance, c["name"]
+    # fp32 contenders score like the torch reference on the same pairs
+    for name in ("naive", "onnx-fp32"):
+        assert by_name[name]["quality"]["agreement"] == 1.0
+        assert by_name[name]["quality"]["max_abs_dp"] < 2e-3
+
+    floor = results["floor"]
+    assert floor["fp32_gflops"] > 0 and floor["int8_gops"] > 0
+    assert floor["useful_tokens"] == sum(results["workload"]["doc_tokens"]) + 3 * results["workload"]["suffix_tokens"]
+    curves = results["curves"]
+    assert curves["backend"] in by_name and curves["backend"] != "naive"
+    assert [p["length"] for p in curves["length"]] == [16, 48]
+    assert [p["documents"] for p in curves["docs"]] == [1, 2]
+    assert [p["threads"] for p in curves["threads"]] == [1]
+
+
+@pytest.mark.slow
+def test_report_renders(bench_results, tmp_path):
+    from answerfirst.bench.report import write_report
+
+    results, _ = bench_results
+    paths = write_report(results, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["contenders"] == results["contenders"]
+    table = paths["markdown"].read_text()
+    for name in CONTENDERS:
+        assert f"| {name} |" in table
+    assert "### Targets" in table and "naive pairs/s" in table
+    for key in ("throughput_png", "curves_png"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_qwen_tokenizer_has_qwen_ids():
+    from answerfirst.afrl import AFRLFormat, PromptTokenizer
+    from answerfirst.offline import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    assert len(tokenizer) == 151669
+    assert tokenizer.encode("yes", add_special_tokens=False) == [9693]
+    assert tokenizer.encode("no", add_special_tokens=False) == [2152]
+    assert tokenizer.encode("Hello world", add_special_tokens=False) == [9707, 1879]
+    text = "Größe 42 — 速干 跑步鞋 🏃 <|im_end|>"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    # the Qwen3 chat markers and the empty think block of enable_thinking=False
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           enable_thinking=False, tokenize=True)
+    ids = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    assert list(ids) == [151644, 872, 198, 6023, 151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
+    prompts = PromptTokenizer(tokenizer, AFRLFormat.from_chat_template(tokenizer))
+    assert prompts.grade_ids == (15, 16, 17, 18, 19)  # "0".."4"
