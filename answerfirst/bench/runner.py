@@ -194,14 +194,14 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
             logger.warning("re-exporting %s: %s", out, e)
     progress(f"exporting {checkpoint} to {kind} in {out} (once; later runs reuse it)")
     started = time.perf_counter()
-    if kind == "onnx":
-        from answerfirst.export.onnx import export_onnx
-
-        export_onnx(checkpoint, out)
-    else:
-        from answerfirst.export.gguf import export_gguf
-
-        export_gguf(checkpoint, out, quants=GGUF_QUANTS)
+    # In a child process: a real-size export peaks near 10 GB, and memory a Python process has
+    # touched is not handed back, so exporting here would leave the runner that large while the
+    # contender workers load beside it.
+    command = [sys.executable, "-m", "answerfirst.cli", "export", kind, "--model", str(checkpoint), "--out", str(out)]
+    if kind == "gguf":
+        command += ["--quant", ",".join(GGUF_QUANTS)]
+    if subprocess.run(command).returncode != 0:
+        raise RuntimeError(f"exporting {checkpoint} to {kind} failed (command: {' '.join(command)})")
     progress(f"exported {kind} in {time.perf_counter() - started:.0f} s")
     return out
 
