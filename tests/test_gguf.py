@@ -213,6 +213,12 @@ def test_prefix_reuse_equals_no_reuse_and_runs_the_prefix_once(gguf_export):
         common += 1
     expected = len(new_prompts[0].prefix_ids) - common + sum(len(p.continuation_ids) for p in new_prompts)
     assert reuse.backend.evaluated_tokens - before == expected
+    reuse.backend.forget_prefixes()  # the benchmark's "new query": the whole prefix runs again
+    before = reuse.backend.evaluated_tokens
+    reuse.score("wireless headphones", DOCS)
+    assert reuse.backend.evaluated_tokens - before == len(new_prompts[0].prefix_ids) + sum(
+        len(p.continuation_ids) for p in new_prompts
+    )
 
 
 def test_small_context_splits_batches_without_changing_scores(gguf_export, f32_scorer):

@@ -5,8 +5,13 @@ inherits another's thread pools or allocator state. The worker loads the model, 
 then serves JSON-line requests on stdin until EOF:
 
     {"op": "score", "mode": "reuse" | "noreuse", "query": str, "docs": [str]}
-        -> {"seconds": wall time of the scoring call, "probs": [[K floats]], "expected": [float]}
+        -> {"seconds": wall time of the scoring call, "probs": [[K floats]], "expected": [float],
+            "peak_rss_bytes": the process's peak RSS during this call (see reset_peak_rss)}
     {"op": "stats"} -> {"peak_rss_bytes": int, "rss_bytes": int}
+
+The "ready" reply carries the peak RSS of loading. Each call's own peak lets the runner report the
+peak of the product configuration (prefix reuse on) apart from the no-reuse measurement runs, whose
+batches are twice as long.
 
 Replies go to the original stdout; fd 1 is pointed at stderr, so a library that prints (llama.cpp
 does) cannot corrupt the protocol.
@@ -51,6 +56,16 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
+def reset_peak_rss() -> None:
+    """Start a new VmHWM window (Linux >= 4.0: write 5 to clear_refs). Where the kernel refuses, the
+    peak stays cumulative, which can only over-report."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -68,7 +83,8 @@ def main() -> int:
     try:
         started = time.perf_counter()
         scorers = open_contender(spec)
-        reply({"ready": True, "load_seconds": time.perf_counter() - started, "rss_bytes": rss_bytes()})
+        reply({"ready": True, "load_seconds": time.perf_counter() - started, "rss_bytes": rss_bytes(),
+               "peak_rss_bytes": peak_rss_bytes()})
     except Exception as e:  # reported to the runner, which records the contender as failed
         reply({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
@@ -82,14 +98,18 @@ def main() -> int:
         if scorer is None:
             reply({"error": f"{spec['name']} has no mode {request['mode']!r}"})
             continue
+        if hasattr(scorer, "backend"):
+            scorer.backend.forget_prefixes()  # every timed call is a new query: its prefix runs too
         try:
+            reset_peak_rss()
             start = time.perf_counter()
             scores = scorer.score(request["query"], request["docs"])
             seconds = time.perf_counter() - start
         except Exception as e:
             reply({"error": f"{type(e).__name__}: {e}"})
             continue
-        reply({"seconds": seconds, "probs": [list(s.probs) for s in scores], "expected": [s.expected for s in scores]})
+        reply({"seconds": seconds, "probs": [list(s.probs) for s in scores], "expected": [s.expected for s in scores],
+               "peak_rss_bytes": peak_rss_bytes()})
     return 0
 
 

@@ -93,6 +93,10 @@ def route_llama_logs(llama_cpp: Any) -> None:
     llama_cpp.llama_backend_init()
 
 
+def _has_amx(llama_cpp: Any) -> bool:
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 def _llama_said() -> str:
     return (" llama.cpp said: " + " | ".join(_recent_llama_messages)) if _recent_llama_messages else ""
 
@@ -261,6 +265,12 @@ class LlamaCppBackend:
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
+        if _has_amx(llama_cpp):
+            # A llama.cpp built for an AMX CPU places Q8_0/Q4_K weights in its AMX buffer type, and
+            # llama_decode then segfaults on our multi-sequence batches (seen with llama-cpp-python
+            # 0.3.36 on a Sapphire Rapids-class Xeon; cf. ggml-org/llama.cpp#20824). Plain CPU
+            # buffers still use the AVX-512/VNNI kernels the build has.
+            model_params.use_extra_bufts = False
         _recent_llama_messages.clear()
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self._model:
@@ -346,6 +356,10 @@ class LlamaCppBackend:
             self._reset()
             raise
         self._seq0 = list(ids)
+
+    def forget_prefixes(self) -> None:
+        with self._lock:
+            self._reset()
 
     def _reset(self) -> None:
         self._llama.llama_memory_clear(self._memory, True)

@@ -62,6 +62,9 @@ class TorchBackend:
             cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), layer_idx)
         return cache
 
+    def forget_prefixes(self) -> None:
+        self.prefix_cache.clear()
+
     def _run_prefix(self, prefix_ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
         past = self.model.model(input_ids=ids, use_cache=True).past_key_values
