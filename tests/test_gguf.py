@@ -133,13 +133,17 @@ def test_llama_cpp_tokenizes_prompt_segments_like_hf(f32_scorer):
     assert backend.tokenize(prompts.format.prompt_template.split("{doc}")[1], True) == list(prompt.suffix_ids)
 
 
-def test_tokenizer_rebuilt_from_gguf_metadata_equals_the_original(gguf_export, f32_scorer):
+def test_tokenizer_rebuilt_from_gguf_metadata_equals_the_original(gguf_export, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
     rebuilt = tokenizer_from_metadata(read_gguf_metadata(gguf_export / "student-f32.gguf"))
-    original = f32_scorer.prompts.tokenizer
+    original = AutoTokenizer.from_pretrained(tiny_checkpoint)
     for text in VARIED:
-        assert rebuilt.encode(text, add_special_tokens=False) == original.encode(text, add_special_tokens=False), text
+        ids = rebuilt.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == original.encode(text, add_special_tokens=False), text
+        assert rebuilt.decode(ids) == original.decode(ids), text
     assert rebuilt.chat_template == original.chat_template
-    assert rebuilt.eos_token == original.eos_token
+    assert (rebuilt.eos_token_id, rebuilt.pad_token_id) == (original.eos_token_id, original.pad_token_id)
 
 
 # -- scores ----------------------------------------------------------------------------------------

@@ -531,7 +531,9 @@ def _run_curves(config, prompts, workload, results, workers, deadline, progress)
         if (entry := point(f"docs={count}", load, timed)) is not None:
             curves["docs"].append({"documents": count, **entry})
     curves["threads"] = []
-    counts = sorted({t or (os.cpu_count() or 1) for t in config.curve_threads})
+    # The contender's own thread count first: its worker is already warm, so that point costs one
+    # call, and a budget that runs out spends it on the points needing a new process.
+    counts = sorted({t or (os.cpu_count() or 1) for t in config.curve_threads}, key=lambda t: (t != config.all_threads, t))
     threads_load = workload.head(min(config.curve_threads_docs, len(workload.docs)))
     for count in counts:
         def timed_threads(load: Workload, count: int = count) -> float:
@@ -554,6 +556,7 @@ def _run_curves(config, prompts, workload, results, workers, deadline, progress)
             continue
         if entry is not None:
             curves["threads"].append({"threads": count, **entry})
+    curves["threads"].sort(key=lambda entry: entry["threads"])
     return curves
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import Manifest
+from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
 from answerfirst.runtime.api import ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
@@ -135,12 +136,11 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
-def tokenizer_from_metadata(metadata: dict[str, Any]) -> Any:
-    """An HF fast tokenizer equal to the one the GGUF was written from: BPE over the GGUF's tokens
+def tokenizer_from_metadata(metadata: dict[str, Any]) -> ArtifactTokenizer:
+    """A tokenizer equal to the one the GGUF was written from: BPE over the GGUF's tokens
     and merges, Qwen's NFC + split regex + byte-level pre-tokenization, added tokens from the token
     types (CONTROL = special, USER_DEFINED = plain added token), and the GGUF's chat template."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     from answerfirst.offline import QWEN_SPLIT_PATTERN
 
@@ -172,14 +172,19 @@ def tokenizer_from_metadata(metadata: dict[str, Any]) -> Any:
         i = metadata.get(key)
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return ArtifactTokenizer(
+        backend,
         eos_token=token("tokenizer.ggml.eos_token_id"),
         pad_token=token("tokenizer.ggml.padding_token_id"),
-        clean_up_tokenization_spaces=False,
+        chat_template=metadata.get("tokenizer.chat_template"),
     )
-    tokenizer.chat_template = metadata.get("tokenizer.chat_template")
-    return tokenizer
+
+
+def _tokenizer_from_dir(directory: Path) -> ArtifactTokenizer:
+    try:
+        return ArtifactTokenizer.from_dir(directory)
+    except ValueError as e:
+        raise GGUFError(f"{directory}: the export's tokenizer is missing or unreadable ({e}); re-export") from None
 
 
 def _manifest_from_metadata(metadata: dict[str, Any]) -> Manifest | None:
@@ -220,8 +225,6 @@ def open_gguf(
 ) -> tuple[LlamaCppBackend, PromptTokenizer]:
     """The adapter and prompt tokenizer for an export dir, a dir of .gguf files, or one .gguf file."""
     llama_cpp = import_llama_cpp()  # first: a missing extra fails before any slow import
-    from transformers import AutoTokenizer
-
     location = Path(location)
     path = _resolve_file(location, manifest, variant)
     if not path.is_file():
@@ -229,11 +232,11 @@ def open_gguf(
     metadata = read_gguf_metadata(path)
     where = str(path)
     if manifest is not None:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = _tokenizer_from_dir(location)
         format_manifest = manifest
     else:
-        beside = path.parent / "tokenizer.json"
-        tokenizer = AutoTokenizer.from_pretrained(path.parent) if beside.is_file() else tokenizer_from_metadata(metadata)
+        beside = (path.parent / TOKENIZER_FILE).is_file()
+        tokenizer = _tokenizer_from_dir(path.parent) if beside else tokenizer_from_metadata(metadata)
         format_manifest = _manifest_from_metadata(metadata)
     prompts = bind_format(tokenizer, format_manifest, config, where)
     n_vocab = len(metadata["tokenizer.ggml.tokens"])

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from answerfirst.artifact import Manifest, ManifestError, Variant
+from answerfirst.runtime._tokenizer import ArtifactTokenizer
 from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
@@ -240,11 +241,9 @@ def open_onnx(
         logger.info("onnx: using variant %r (%s), the fastest whose parity passed", chosen.name, chosen.file)
     check_file_sizes(location, manifest, chosen)
 
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(location))
-    except (OSError, ValueError) as e:
+        tokenizer = ArtifactTokenizer.from_dir(location)
+    except ValueError as e:
         raise ManifestError(f"{location}: the export's tokenizer files are missing or unreadable ({e}); re-export") from None
     prompts = bind_format(tokenizer, manifest, config, where=str(location))
     path = location / chosen.file
