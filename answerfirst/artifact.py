@@ -158,6 +158,32 @@ class Manifest:
         return manifest
 
 
+FILES_KEY = "files"  # manifest.info[FILES_KEY]: {file name: size in bytes} of an export's files
+
+
+def record_file_sizes(manifest: Manifest, directory: str | Path, names: list[str]) -> None:
+    """Note the sizes of an export's files, so a truncated copy is caught before a runtime reads it."""
+    directory = Path(directory)
+    manifest.info[FILES_KEY] = {name: (directory / name).stat().st_size for name in names if (directory / name).is_file()}
+
+
+def check_file_sizes(directory: str | Path, manifest: Manifest, names: list[str], fix: str) -> None:
+    """Each of `names` that the manifest recorded must exist with its recorded size (exports written
+    before sizes were recorded skip the check). `fix` ends each message: how to rebuild the export."""
+    directory = Path(directory)
+    sizes = manifest.info.get(FILES_KEY, {})
+    for name in names:
+        expected = sizes.get(name)
+        if expected is None:
+            continue
+        path = directory / name
+        if not path.is_file():
+            raise ManifestError(f"{directory}: {name} is missing (the export lists it); {fix}")
+        actual = path.stat().st_size
+        if actual != expected:
+            raise ManifestError(f"{path} is {actual} bytes but was {expected} bytes when exported: it is truncated or corrupted; {fix}")
+
+
 def has_manifest(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST_NAME).is_file()
 

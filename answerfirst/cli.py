@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": (_RUNTIME_VERBS, "score documents for a query with any artifact"),
     "explain": (_RUNTIME_VERBS, "stream the explanation of one (query, document) pair"),
     "bench": ("answerfirst.bench.runner", "latency benchmark of every backend against a naive baseline"),
+    "profile": ("answerfirst.bench.profile", "where an ONNX export's scoring time goes, per operator type"),
     "demo": ("answerfirst.demo.app", "open the Gradio demo page"),
 }
 

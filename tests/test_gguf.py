@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ from answerfirst.runtime._llamacpp import (  # noqa: E402
 )
 from answerfirst.runtime.api import ScorerConfig  # noqa: E402
 
-F32_KV = ScorerConfig(kv_cache_type="f32", n_ctx=2048)
+# The exact path: F32 KV cache, no flash attention (whose CPU kernel rounds through F16: ~2e-4).
+F32_KV = ScorerConfig(kv_cache_type="f32", flash_attn=False, n_ctx=2048)
 RANDOM_Q4_K_M_BOUND = 0.35  # max |dp| of Q4_K_M on the 256-aligned random model (measured 0.29)
 # Text the tokenizers must agree on: unicode (accents, CJK, emoji), digits, whitespace runs,
 # contractions, chat markers inside user text, newlines in every position.
@@ -164,7 +166,7 @@ def test_f16_and_q8_0_within_their_stated_tolerances(gguf_export, tiny_scorer):
         assert np.abs(got - expected).max() <= QUANTS[variant].thresholds.max_abs_dp, variant
         assert (got.argmax(1) == expected.argmax(1)).mean() >= QUANTS[variant].thresholds.min_agreement
         scorer.close()
-    # the default F16 KV cache moves scores only slightly
+    # the served defaults (F16 KV cache, flash attention) move scores only slightly
     default = answerfirst.load(gguf_export, variant="f32", threads=1)
     assert np.abs(as_array(default.score_pairs(PAIRS)) - expected).max() < 5e-3
 
@@ -199,9 +201,9 @@ def test_q4_k_m_on_a_256_aligned_model(k_quant_checkpoint, tmp_path):
 
 
 def test_prefix_reuse_equals_no_reuse_and_runs_the_prefix_once(gguf_export):
-    reuse = answerfirst.load(gguf_export, variant="f32", threads=1, config=ScorerConfig(kv_cache_type="f32", batch_size=2))
+    reuse = answerfirst.load(gguf_export, variant="f32", threads=1, config=replace(F32_KV, batch_size=2))
     no_reuse = answerfirst.load(
-        gguf_export, variant="f32", threads=1, config=ScorerConfig(kv_cache_type="f32", reuse_prefix=False)
+        gguf_export, variant="f32", threads=1, config=replace(F32_KV, reuse_prefix=False)
     )
     np.testing.assert_allclose(as_array(reuse.score(QUERY, DOCS)), as_array(no_reuse.score(QUERY, DOCS)), atol=1e-5)
 
@@ -227,7 +229,7 @@ def test_prefix_reuse_equals_no_reuse_and_runs_the_prefix_once(gguf_export):
 
 def test_small_context_splits_batches_without_changing_scores(gguf_export, f32_scorer):
     expected = as_array(f32_scorer.score(QUERY, DOCS))
-    tight = answerfirst.load(gguf_export, variant="f32", threads=1, config=ScorerConfig(kv_cache_type="f32", n_ctx=256, n_batch=32))
+    tight = answerfirst.load(gguf_export, variant="f32", threads=1, config=replace(F32_KV, n_ctx=256, n_batch=32))
     np.testing.assert_allclose(as_array(tight.score(QUERY, DOCS)), expected, atol=1e-5)
     with pytest.raises(GGUFError, match="does not fit the context"):
         tight.score(QUERY, ["word " * 400])
@@ -296,6 +298,17 @@ def test_truncated_gguf_is_a_clear_error(gguf_export, tmp_path):
             answerfirst.load(bad)
 
 
+def test_truncated_file_of_an_export_dir_is_caught_by_its_recorded_size(gguf_export, tmp_path):
+    from answerfirst.artifact import ManifestError
+
+    export = tmp_path / "export"
+    shutil.copytree(gguf_export, export)
+    path = export / "student-f16.gguf"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ManifestError, match="student-f16.gguf is .* bytes but was .* truncated"):
+        answerfirst.load(export, variant="f16")
+
+
 def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
     path = tmp_path / "llama.gguf"
     writer = gguf.GGUFWriter(path, "llama")
@@ -345,7 +358,7 @@ def test_bad_arguments_are_clear_errors(tiny_checkpoint, tmp_path):
         export_gguf(tiny_checkpoint, tmp_path / "busy", "f16")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="q8_0.*flash_attn"):
-        LlamaCppBackend(None, tmp_path, [0], 1, ScorerConfig(kv_cache_type="q8_0"))
+        LlamaCppBackend(None, tmp_path, [0], 1, ScorerConfig(kv_cache_type="q8_0", flash_attn=False))
 
 
 @pytest.mark.slow

@@ -284,3 +284,34 @@ def test_prefix_runs_once_per_query_across_batches(onnx_export):
     scorer = answerfirst.load(onnx_export, variant="fp32", config=ScorerConfig(batch_size=2))
     scorer.score(QUERY, DOCS)  # 5 docs -> 3 batches
     assert scorer.backend.prefix_cache.misses == 1
+
+
+# -- profile ---------------------------------------------------------------------------------------
+
+
+def test_kernel_time_is_summed_per_op_type_from_the_given_start():
+    from answerfirst.bench.profile import kernel_time_by_op
+
+    events = [
+        {"cat": "Node", "name": "a_kernel_time", "ts": 5, "dur": 30, "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "name": "b_kernel_time", "ts": 20, "dur": 10, "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "name": "c_kernel_time", "ts": 40, "dur": 10, "args": {"op_name": "Softmax"}},
+        {"cat": "Node", "name": "c_fence_before", "ts": 40, "dur": 99, "args": {"op_name": "Softmax"}},
+        {"cat": "Session", "name": "model_run", "ts": 10, "dur": 500},
+    ]
+    rows = kernel_time_by_op(events, since_us=10)
+    assert [(r["op"], r["ms"], r["calls"]) for r in rows] == [("MatMul", 0.01, 1), ("Softmax", 0.01, 1)]
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("docs", "runs"), [(4, 2), (20, 3)])
+def test_profile_covers_one_scoring_call_of_the_int8_graph(onnx_export, docs, runs):
+    from answerfirst.bench.profile import markdown, profile_onnx
+
+    profile = profile_onnx(onnx_export, variant="int8", docs=docs, threads=1)
+    assert profile["session_runs"] == runs  # the prefix + one run per batch of 16; the warm-up is left out
+    ops = {row["op"] for row in profile["ops"]}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops  # the quantized matmuls ran
+    assert 0 < profile["kernel_seconds"] <= profile["wall_seconds"]
+    assert sum(row["share"] for row in profile["ops"]) == pytest.approx(1.0)
+    assert f"{runs} session runs" in markdown(profile)

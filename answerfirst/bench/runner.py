@@ -462,7 +462,12 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
                 continue
             results[name].latencies_s.setdefault(mode, []).append(reply["seconds"])
             peaks = results[name].peak_rss_by_mode
-            peaks[mode] = max(peaks.get(mode, 0), reply["peak_rss_bytes"])
+            # A call's peak includes what the process kept from earlier calls (ORT's arena and
+            # malloc keep their high-water mark), so the product mode's peak counts only calls made
+            # before the no-reuse mode, with its longer batches, ran at full size in that process:
+            # round 1, where each contender's reuse entry comes first.
+            if mode == "noreuse" or "noreuse" not in results[name].latencies_s:
+                peaks[mode] = max(peaks.get(mode, 0), reply["peak_rss_bytes"])
             results[name].scores.setdefault(mode, {"probs": reply["probs"], "expected": reply["expected"]})
             progress(f"round {round_index + 1}/{rounds}  {name:<12} {mode:<8} {reply['seconds']:8.2f} s "
                      f"({len(workload.docs) / reply['seconds']:6.2f} pairs/s)")

@@ -36,10 +36,18 @@ from typing import Any
 import numpy as np
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
-from answerfirst.artifact import Manifest, ManifestError, Variant, checkpoint_hash, has_manifest
+from answerfirst.artifact import (
+    Manifest,
+    ManifestError,
+    Variant,
+    checkpoint_hash,
+    has_manifest,
+    record_file_sizes,
+)
 from answerfirst.export.parity import ParityThresholds, log_report, parity_report
 from answerfirst.export.parity import probe_pairs as student_probe_pairs
 from answerfirst.offline import QWEN_SPLIT_PATTERN
+from answerfirst.runtime.api import ScorerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,10 @@ QUANTS: dict[str, Quant] = {
 }
 DEFAULT_QUANTS = ("f16", "q8_0", "q4_k_m")
 PARITY_N_CTX = 4096  # KV cells for the parity run: the longest probe prompt times a small batch
+# Parity isolates what the weights' quantization costs: F32 KV cache and no flash attention. The
+# runtime's defaults (F16 cache, flash attention, whose CPU kernel rounds through F16) move
+# probabilities by a further ~2e-4; tests/test_gguf.py bounds that.
+PARITY_CONFIG = ScorerConfig(kv_cache_type="f32", flash_attn=False, n_ctx=PARITY_N_CTX, batch_size=4)
 
 
 def parse_quants(quants: str | Sequence[str]) -> tuple[str, ...]:
@@ -576,9 +588,10 @@ def export_gguf(
         complete=True,
         k_quant_source=(source_quant or "f32 (temporary)") if k_quants else None,
         tensor_types={v.name: gguf_tensor_types(out_dir / v.file) for v in manifest.variants},
-        parity_config={"kv_cache_type": "f32", "flash_attn": False, "n_ctx": PARITY_N_CTX},
+        parity_config={k: getattr(PARITY_CONFIG, k) for k in ("kv_cache_type", "flash_attn", "n_ctx", "n_batch")},
         seconds=round(time.perf_counter() - started, 1),
     )
+    record_file_sizes(manifest, out_dir, [v.file for v in manifest.variants])
     manifest.write(out_dir)
     return manifest
 
@@ -593,11 +606,11 @@ def _torch_scores(model_dir: Path, pairs: list[tuple[str, str]], threads: int | 
 def _variant_parity(
     out_dir: Path, manifest: Manifest, variant: Variant, pairs: list[tuple[str, str]], reference: list[Any], threads: int | None
 ) -> dict[str, Any]:
-    """Score the probe pairs with this file (F32 KV cache, so only the weights differ from torch)."""
+    """Score the probe pairs with this file (PARITY_CONFIG)."""
     from answerfirst.runtime._llamacpp import open_gguf
-    from answerfirst.runtime.api import Scorer, ScorerConfig
+    from answerfirst.runtime.api import Scorer
 
-    config = ScorerConfig(kv_cache_type="f32", n_ctx=PARITY_N_CTX, batch_size=4)
+    config = PARITY_CONFIG
     adapter, prompts = open_gguf(out_dir, manifest, threads, variant.name, config)
     try:
         candidate = Scorer(adapter, prompts, config, manifest).score_pairs(pairs)

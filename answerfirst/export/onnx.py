@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from answerfirst.artifact import Manifest, Variant, checkpoint_hash, has_manifest
+from answerfirst.artifact import (
+    FILES_KEY,
+    Manifest,
+    Variant,
+    checkpoint_hash,
+    has_manifest,
+    record_file_sizes,
+)
 from answerfirst.export.parity import ParityThresholds, log_report, parity_report
 from answerfirst.export.parity import probe_pairs as default_probe_pairs
 from answerfirst.runtime._onnx import (
@@ -467,9 +474,6 @@ def export_onnx(
 
     step("writing tokenizer and answerfirst.json")
     prompts.tokenizer.save_pretrained(out)
-    info["files"] = {
-        p.name: p.stat().st_size for v in variants for p in (out / v.file, out / (v.file + ".data")) if p.exists()
-    }
     info["probe_pairs"] = [list(p) for p in pairs]
     info["export_seconds"] = round(time.perf_counter() - started, 1)
     info["student_info"] = {k: v for k, v in (student_manifest.info if student_manifest else {}).items() if k != "probe_pairs"}
@@ -481,6 +485,7 @@ def export_onnx(
         variants=variants,
         info=info,
     )
+    record_file_sizes(manifest, out, [name for v in variants for name in (v.file, v.file + ".data")])
     manifest.write(out)
     failed = [v.name for v in variants if not v.parity_passed]
     if failed:
@@ -577,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
     for v in manifest.variants:
         p = v.parity or {}
         status = "passed" if v.parity_passed else "FAILED: " + "; ".join(p.get("failures", []))
-        size = sum(s for name, s in manifest.info["files"].items() if name.startswith(v.file)) / 2**20
+        size = sum(s for name, s in manifest.info[FILES_KEY].items() if name.startswith(v.file)) / 2**20
         print(
             f"  {v.name:5s} {v.file:18s} {size:9.1f} MiB  max|dp|={p.get('max_abs_dp', float('nan')):.2e}  "
             f"agreement={p.get('grade_agreement', float('nan')):.3f}  spearman={p.get('spearman_expected', float('nan')):.4f}  "

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
-from answerfirst.artifact import Manifest
+from answerfirst.artifact import Manifest, check_file_sizes
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
 from answerfirst.runtime.api import ScorerConfig, bind_format
 
@@ -92,10 +92,6 @@ def route_llama_logs(llama_cpp: Any) -> None:
     _log_callback = callback  # keep a reference: ctypes must not free the callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
-
-
-def _has_amx(llama_cpp: Any) -> bool:
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 def _llama_said() -> str:
@@ -229,20 +225,24 @@ def open_gguf(
     path = _resolve_file(location, manifest, variant)
     if not path.is_file():
         raise GGUFError(f"{path} does not exist")
-    metadata = read_gguf_metadata(path)
     where = str(path)
     if manifest is not None:
+        # An export dir: its manifest holds the format and each file's size, so the file's own
+        # metadata is not read here (GGUFReader materialises the 151k-entry vocabulary and merges
+        # as numpy views, a ~0.5 GB transient at Qwen3 size); llama.cpp validates it as it loads.
+        check_file_sizes(location, manifest, [path.name], "re-run `answerfirst export gguf`")
         tokenizer = _tokenizer_from_dir(location)
         format_manifest = manifest
     else:
+        metadata = read_gguf_metadata(path)
         beside = (path.parent / TOKENIZER_FILE).is_file()
         tokenizer = _tokenizer_from_dir(path.parent) if beside else tokenizer_from_metadata(metadata)
         format_manifest = _manifest_from_metadata(metadata)
     prompts = bind_format(tokenizer, format_manifest, config, where)
-    n_vocab = len(metadata["tokenizer.ggml.tokens"])
-    if max(prompts.grade_ids) >= n_vocab:
-        raise GGUFError(f"{where}: grade token ids {list(prompts.grade_ids)} exceed the GGUF's {n_vocab} tokens")
     backend = LlamaCppBackend(llama_cpp, path, prompts.grade_ids, threads, config)
+    if max(prompts.grade_ids) >= backend.n_vocab:
+        backend.close()
+        raise GGUFError(f"{where}: grade token ids {list(prompts.grade_ids)} exceed the GGUF's {backend.n_vocab} tokens")
     return backend, prompts
 
 
@@ -268,12 +268,13 @@ class LlamaCppBackend:
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        if _has_amx(llama_cpp):
-            # A llama.cpp built for an AMX CPU places Q8_0/Q4_K weights in its AMX buffer type, and
-            # llama_decode then segfaults on our multi-sequence batches (seen with llama-cpp-python
-            # 0.3.36 on a Sapphire Rapids-class Xeon; cf. ggml-org/llama.cpp#20824). Plain CPU
-            # buffers still use the AVX-512/VNNI kernels the build has.
-            model_params.use_extra_bufts = False
+        # Weights stay in plain CPU buffers, never llama.cpp's "extra" repacked ones. Measured at
+        # Qwen3-0.6B Q4_K_M on a 2-core AMD EPYC (16 documents, flash attention, n_ctx 1024): the
+        # CPU_REPACK copy of the Q4_K tensors cost +200 MiB RSS and ran slower (9.4 s vs 7.0 s).
+        # An AMX build puts Q8_0/Q4_K weights in its AMX buffer type instead, and llama_decode
+        # then segfaults on our multi-sequence batches (llama-cpp-python 0.3.36 on a Sapphire
+        # Rapids-class Xeon; cf. ggml-org/llama.cpp#20824).
+        model_params.use_extra_bufts = False
         _recent_llama_messages.clear()
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self._model:

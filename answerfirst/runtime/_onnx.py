@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from answerfirst.artifact import Manifest, ManifestError, Variant
+from answerfirst.artifact import Manifest, ManifestError, Variant, check_file_sizes
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
 from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
 
@@ -50,13 +50,15 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
-def open_session(path: Path, threads: int | None, prepack: bool = True) -> Any:
+def open_session(path: Path, threads: int | None, prepack: bool = True, profile_prefix: str | None = None) -> Any:
     """An InferenceSession on the CPU provider; an unreadable graph is a ManifestError naming the file.
 
     prepack: let ORT re-lay constant weights for its GEMM kernels at load. For fp32 graphs that buys
     ~10% speed for a full second copy of the weights; for int8 graphs it buys nothing measurable (at
     Qwen3-0.6B: 6.5 s either way for 16 documents, RSS 2.0 GB with vs 0.46 GB after load without),
     so quantized variants open without it (see `prepacks`).
+    profile_prefix: turn on onnxruntime's per-kernel profiler, writing PREFIX_<date>.json at
+    end_profiling() (answerfirst.bench.profile reads it).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -73,6 +75,9 @@ def open_session(path: Path, threads: int | None, prepack: bool = True) -> Any:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not the user's concern
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -211,24 +216,6 @@ def prepacks(variant: Variant) -> bool:
     return not (variant.quantization or "").startswith("int8")
 
 
-def check_file_sizes(location: Path, manifest: Manifest, variant: Variant) -> None:
-    """Sizes recorded at export time: a truncated graph or .data file is caught before ORT reads it."""
-    sizes = manifest.info.get("files", {})
-    for name in (variant.file, variant.file + ".data"):
-        expected = sizes.get(name)
-        path = location / name
-        if expected is None:
-            continue
-        if not path.is_file():
-            raise ManifestError(f"{location}: {name} is missing (the export lists it); re-run `answerfirst export onnx`")
-        actual = path.stat().st_size
-        if actual != expected:
-            raise ManifestError(
-                f"{path} is {actual} bytes but was {expected} bytes when exported: it is truncated or "
-                "corrupted; re-run `answerfirst export onnx`"
-            )
-
-
 def open_onnx(
     location: Path, manifest: Manifest | None, threads: int | None, variant: str | None, config: ScorerConfig
 ) -> tuple[OnnxBackend, Any]:
@@ -239,7 +226,7 @@ def open_onnx(
     chosen = manifest.variant(variant)
     if variant is None:
         logger.info("onnx: using variant %r (%s), the fastest whose parity passed", chosen.name, chosen.file)
-    check_file_sizes(location, manifest, chosen)
+    check_file_sizes(location, manifest, [chosen.file, chosen.file + ".data"], "re-run `answerfirst export onnx`")
 
     try:
         tokenizer = ArtifactTokenizer.from_dir(location)

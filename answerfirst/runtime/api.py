@@ -45,19 +45,20 @@ class ScorerConfig:
     max_doc_tokens: override the artifact's document truncation length.
     n_ctx, n_batch, flash_attn, kv_cache_type: llama.cpp context settings ("f32" KV for parity).
         n_ctx is the KV cell pool of ALL documents in flight, so it bounds memory, not the batch:
-        documents that do not fit together run in more llama_decode groups. 2048 cells hold a
-        512-token document's prompt plus a long explanation; at Qwen3-0.6B they cost 224 MiB of f16
-        KV (8192 cost 896 MiB). flash_attn shrinks the attention buffers further and ran Q8_0 faster
-        here, but moves probabilities by ~2e-4 against the non-flash path that export parity is
-        measured with, so it stays opt-in.
+        documents that do not fit together run in more llama_decode groups, and attention spans
+        the cells in use, so a smaller pool is also faster. 1024 cells hold a 512-token document's
+        prompt plus a 128-token explanation. Flash attention is on: at Qwen3-0.6B on 2 cores it
+        scored 16 documents in 7.0 s instead of 8.3 s (Q4_K_M) and 11.7 s instead of 13.7 s (Q8_0).
+        Against the former n_ctx 2048 / n_batch 512 / no flash attention (16.6 s, 1177 MiB peak
+        RSS at Q4_K_M there) these defaults, with plain weight buffers, are 2.4x faster and lighter.
     """
 
     batch_size: int = 16
     reuse_prefix: bool = True
     max_doc_tokens: int | None = None
-    n_ctx: int = 2048
-    n_batch: int = 512
-    flash_attn: bool = False
+    n_ctx: int = 1024
+    n_batch: int = 256
+    flash_attn: bool = True
     kv_cache_type: str = "f16"
 
     def __post_init__(self) -> None:
