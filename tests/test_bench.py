@@ -126,6 +126,10 @@ def test_runner_end_to_end(bench_results):
 
     floor = results["floor"]
     assert floor["fp32_gflops"] > 0 and floor["int8_gops"] > 0
+    # measured before the workers start and after the main phase; the floor uses the fastest of each
+    assert [m["when"] for m in floor["measurements"]] == ["before the workers start", "after the main phase"]
+    assert floor["fp32_gflops"] == max(m["fp32_gflops"] for m in floor["measurements"])
+    assert floor["int8_gops"] == max(m["int8_gops"] for m in floor["measurements"])
     assert floor["useful_tokens"] == sum(results["workload"]["doc_tokens"]) + 3 * results["workload"]["suffix_tokens"]
     curves = results["curves"]
     assert curves["backend"] in by_name and curves["backend"] != "naive"

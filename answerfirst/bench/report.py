@@ -86,7 +86,8 @@ def markdown(results: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
         f"pairs/s, p50/p95 and ms/doc: with prefix reuse (naive: none), from {'/'.join(map(str, repeats))} timed "
         "queries per mode after a warm-up, contenders interleaved, each in its own process. "
         "× floor: p50 over the compute floor of W "
-        f"({floor['useful_gflop']:.3g} useful GFLOP; measured {floor['fp32_gflops']:.3g} GFLOP/s fp32 -> "
+        f"({floor['useful_gflop']:.3g} useful GFLOP; the best of {len(floor.get('measurements', [])) or 1} "
+        f"rate measurements: {floor['fp32_gflops']:.3g} GFLOP/s fp32 -> "
         f"{floor['seconds']['fp32']:.2f} s, {floor['int8_gops']:.3g} GOP/s int8 -> {floor['seconds']['int8']:.2f} s; "
         "F16 is held to the fp32 floor, int8/Q8_0/Q4_K_M to the int8 one). Agreement / Spearman: grade argmax and "
         "expected grade vs torch fp32 on the same pairs.",

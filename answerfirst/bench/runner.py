@@ -374,6 +374,9 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     deadline = time.perf_counter() + config.budget_s
     artifacts_seconds = time.perf_counter() - started
 
+    # The machine's matmul rates, measured now (no worker running yet) and again after the main phase.
+    measurements = [_measure_rates(config, shape, workload, "before the workers start")]
+
     # -- workers ----------------------------------------------------------------------------------
     threads = config.all_threads
     workers: dict[str, Worker] = {}
@@ -397,7 +400,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
         workers[name] = Worker(spec)
     try:
         _run_main_phase(config, workload, results, workers, deadline, progress)
-        floor = _compute_floor(config, shape, workload, prompts, progress)
+        measurements.append(_measure_rates(config, shape, workload, "after the main phase"))
+        floor = _compute_floor(config, shape, workload, prompts, measurements, progress)
         curves = _run_curves(config, prompts, workload, results, workers, deadline, progress)
     finally:
         for worker in workers.values():
@@ -478,17 +482,27 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
             result.peak_rss_bytes = max(result.peak_rss_bytes or 0, result.peak_rss_by_mode[main_mode])
 
 
-def _compute_floor(config, shape, workload, prompts, progress) -> dict[str, Any]:
-    """Matmul throughput at the model's shapes (rows = one batch of continuations) and the floor time of W."""
-    mean_continuation = int(np.mean(workload.continuation_lens))
-    rows = min(config.batch_size, len(workload.docs)) * mean_continuation
+def _measure_rates(config, shape, workload, when: str) -> dict[str, Any]:
+    """This machine's fp32 and int8 matmul throughput at the model's shapes, rows = one batch of
+    continuations (`when` labels the measurement in the results)."""
+    rows = min(config.batch_size, len(workload.docs)) * int(np.mean(workload.continuation_lens))
     rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "int8")}
+    return {"when": when, "rows": rows, **rates}
+
+
+def _compute_floor(config, shape, workload, prompts, measurements, progress) -> dict[str, Any]:
+    """The floor time of W at the best of the rate measurements. A shared or busy machine only ever
+    makes a measurement slower (one run here gave 447 int8 GOP/s where a quiet minute gave 870), so
+    the fastest is the machine's capability and a slow one would flatter every ratio."""
+    rates = {dtype: max(m[dtype] for m in measurements) for dtype in ("fp32", "int8")}
     flops = useful_flops(shape, workload.prefix_tokens, workload.continuation_lens, len(prompts.grade_ids))
     floor = {
-        "rows": rows,
+        "rows": measurements[0]["rows"],
         "threads": config.all_threads,
         "fp32_gflops": rates["fp32"] / 1e9,
         "int8_gops": rates["int8"] / 1e9,
+        "measurements": [{"when": m["when"], "fp32_gflops": m["fp32"] / 1e9, "int8_gops": m["int8"] / 1e9}
+                         for m in measurements],
         "useful_gflop": flops.total / 1e9,
         "useful_linear_gflop": flops.linear / 1e9,
         "useful_attention_gflop": flops.attention / 1e9,
