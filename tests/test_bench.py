@@ -35,6 +35,17 @@ def test_flops_by_hand():
     assert floor_seconds(flops, linear_flops_per_s=6912.0, fp32_flops_per_s=992.0) == pytest.approx(2.0)
 
 
+def test_prefix_reuse_ceiling_by_hand():
+    from answerfirst.bench.flops import prefix_reuse_ceiling
+
+    # prefix 3 once: 3 tokens (6912 linear) attending 1+2+3 = 6 positions (384); then the 2- and
+    # 1-token continuations: 6912 + 13 * 64 = 832. Together 15040 FLOPs.
+    # Without reuse: 5- and 4-token runs from position 0: 9 * 2304 = 20736 linear, (15 + 10) * 64 = 1600.
+    assert prefix_reuse_ceiling(SMALL, 3, [2, 1]) == pytest.approx((20736 + 1600) / 15040)
+    assert prefix_reuse_ceiling(SMALL, 100, [1] * 8) > 2  # a long prefix before short documents
+    assert prefix_reuse_ceiling(SMALL, 3, [30] * 8) < 1.2  # documents much longer than the prefix
+
+
 def test_flops_of_qwen3_0_6b_match_its_parameter_count():
     from answerfirst.offline import QWEN3_0_6B
 
@@ -149,6 +160,7 @@ def test_report_renders(bench_results, tmp_path):
     for name in CONTENDERS:
         assert f"| {name} |" in table
     assert "### Targets" in table and "naive pairs/s" in table
+    assert "the FLOPs of this workload allow at most" in table
     for key in ("throughput_png", "curves_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
 
@@ -172,3 +184,16 @@ def test_qwen_tokenizer_has_qwen_ids():
     assert list(ids) == [151644, 872, 198, 6023, 151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
     prompts = PromptTokenizer(tokenizer, AFRLFormat.from_chat_template(tokenizer))
     assert prompts.grade_ids == (15, 16, 17, 18, 19)  # "0".."4"
+
+
+def test_render_rewrites_the_report_from_bench_json(bench_results, tmp_path, capsys):
+    from answerfirst.cli import main
+
+    results, _ = bench_results
+    (tmp_path / "bench.json").write_text(json.dumps(results))
+    assert main(["bench", "--render", str(tmp_path / "bench.json")]) == 0
+    table = (tmp_path / "bench.md").read_text()
+    assert all(f"| {name} |" in table for name in CONTENDERS) and (tmp_path / "curves.png").is_file()
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["bench", "--render", str(tmp_path / "broken.json")]) == 2
+    assert "not a readable bench.json" in capsys.readouterr().err

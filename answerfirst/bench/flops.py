@@ -108,6 +108,18 @@ def useful_flops(shape: ModelShape, prefix_len: int, continuation_lens: Sequence
     )
 
 
+def prefix_reuse_ceiling(shape: ModelShape, prefix_len: int, continuation_lens: Sequence[int]) -> float:
+    """The most prefix reuse can speed up one query: the decoder FLOPs of running the prefix with
+    every continuation, over those of running it once and continuing each document from it. Below
+    2× whenever the prefix is shorter than the mean continuation."""
+    def decoder(flops: UsefulFlops) -> int:
+        return flops.linear + flops.attention
+
+    once = decoder(useful_flops(shape, 0, [prefix_len], 0)) + decoder(useful_flops(shape, prefix_len, continuation_lens, 0))
+    every = decoder(useful_flops(shape, 0, [prefix_len + c for c in continuation_lens], 0))
+    return every / once
+
+
 def floor_seconds(flops: UsefulFlops, linear_flops_per_s: float, fp32_flops_per_s: float) -> float:
     """Time at the measured matmul rates: linear layers at `linear_flops_per_s` (fp32 or int8),
     attention and head at the fp32 rate."""

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from answerfirst.bench.flops import ModelShape, prefix_reuse_ceiling
+
 GB = 1e9
 # Targets of issue 6 on workload W.
 TARGET_SPEEDUP = 8.0
@@ -123,8 +125,12 @@ def targets(results: dict[str, Any]) -> list[str]:
     if gains:
         per = ", ".join(f"{c['name']} {c['prefix_reuse_speedup']:.2f}×" for c in gains)
         worst = min(c["prefix_reuse_speedup"] for c in gains)
+        w = results["workload"]
+        ceiling = prefix_reuse_ceiling(ModelShape.from_config(results["model"]), w["prefix_tokens"],
+                                       [n + w["suffix_tokens"] for n in w["doc_tokens"]])
         lines.append(f"prefix reuse alone ≥ {TARGET_PREFIX_GAIN:.0f}× at equal precision: {per} — {verdict(worst >= TARGET_PREFIX_GAIN)}"
-                     + ("" if worst >= TARGET_PREFIX_GAIN else f" (lowest short by {TARGET_PREFIX_GAIN / worst:.2f}×)"))
+                     + ("" if worst >= TARGET_PREFIX_GAIN else f" (lowest short by {TARGET_PREFIX_GAIN / worst:.2f}×)")
+                     + f"; the FLOPs of this workload allow at most {ceiling:.2f}×")
     quantized = [c for c in ok if c["precision"] in ("int8", "q8_0") and c["floor"]["ratio"] is not None]
     if quantized:
         best = min(quantized, key=lambda c: c["floor"]["ratio"])

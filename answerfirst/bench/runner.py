@@ -665,6 +665,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="depth of the random model (default: 28, quick: 4)")
     parser.add_argument("--no-curves", action="store_true", help="skip the length / documents / threads curves")
     parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 22, quick 4)")
+    parser.add_argument("--render", default=None, metavar="BENCH_JSON",
+                        help="measure nothing: rewrite the Markdown table and plots beside an existing bench.json")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -688,9 +690,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     from answerfirst.bench.report import write_report
 
-    config = config_from_args(args)
-    results = run_benchmark(config, progress=lambda message: print(message, flush=True))
-    paths = write_report(results, config.out_dir)
+    if args.render:
+        source = Path(args.render)
+        try:
+            results = json.loads(source.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--render {source}: not a readable bench.json ({e})") from None
+        paths = write_report(results, source.parent)
+    else:
+        config = config_from_args(args)
+        results = run_benchmark(config, progress=lambda message: print(message, flush=True))
+        paths = write_report(results, config.out_dir)
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
