@@ -271,16 +271,16 @@ class PromptTokenizer:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def prefix_ids(self, query: str) -> tuple[int, ...]:
-        """prefix(rubric, query): identical for every document of a query."""
-        query = check_text(query, "query")
-        return (
-            self._head
-            + self.encode_text(self.format.rubric)
-            + self._after_rubric
-            + self.encode_text(query)
-            + self._doc_open
-        )
+    def prefix_ids(self, query: str, max_query_tokens: int | None = None) -> tuple[int, ...]:
+        """prefix(rubric, query): identical for every document of a query. The query is never cut:
+        one longer than `max_query_tokens` is a FormatError."""
+        query_ids = self.encode_text(check_text(query, "query"))
+        if max_query_tokens is not None and len(query_ids) > max_query_tokens:
+            raise FormatError(
+                f"query is {len(query_ids)} tokens, over the limit of {max_query_tokens}; shorten it "
+                "(queries are never truncated) or raise ScorerConfig(max_query_tokens=...)"
+            )
+        return self._head + self.encode_text(self.format.rubric) + self._after_rubric + query_ids + self._doc_open
 
     def doc_ids(self, doc: str) -> tuple[tuple[int, ...], bool]:
         """(ids, truncated): the only segment that is ever cut, to `max_doc_tokens`."""
@@ -293,10 +293,10 @@ class PromptTokenizer:
         prefix = self.prefix_ids(query) if prefix_ids is None else prefix_ids
         return Prompt(prefix, doc_ids, self.suffix_ids, truncated)
 
-    def prompts(self, query: str, docs: Sequence[str]) -> list[Prompt]:
+    def prompts(self, query: str, docs: Sequence[str], max_query_tokens: int | None = None) -> list[Prompt]:
         """All prompts of one query; the prefix is tokenized once and shared."""
         docs = check_docs(docs)
-        prefix = self.prefix_ids(query)
+        prefix = self.prefix_ids(query, max_query_tokens)
         return [self.prompt(query, doc, prefix) for doc in docs]
 
     # -- training sequences ----------------------------------------------------------------------

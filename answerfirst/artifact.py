@@ -119,10 +119,15 @@ class Manifest:
         missing = {"format_version", "kind", "format", "grade_token_ids"} - data.keys()
         if missing:
             raise ManifestError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
-        if data["format_version"] != FORMAT_VERSION:
+        version = data["format_version"]
+        if version != FORMAT_VERSION:
+            if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+                fix = "it was written by a newer answerfirst: upgrade (pip install -U answerfirst) to load it"
+            else:
+                fix = "re-export (or re-train) it with this answerfirst"
             raise ManifestError(
-                f"{where}: format_version {data['format_version']} is not supported by this answerfirst "
-                f"(it reads version {FORMAT_VERSION}); re-export with this version"
+                f"{where}: format_version {version!r} is not supported by this answerfirst "
+                f"(it reads version {FORMAT_VERSION}); {fix}"
             )
         try:
             fmt = AFRLFormat.from_dict(data["format"])
@@ -159,12 +164,42 @@ class Manifest:
 
 
 FILES_KEY = "files"  # manifest.info[FILES_KEY]: {file name: size in bytes} of an export's files
+SHA256_KEY = "files_sha256"  # manifest.info[SHA256_KEY]: {file name: sha256 hex} of the same files
 
 
-def record_file_sizes(manifest: Manifest, directory: str | Path, names: list[str]) -> None:
-    """Note the sizes of an export's files, so a truncated copy is caught before a runtime reads it."""
+def finalize_files(manifest: Manifest, directory: str | Path, names: list[str]) -> None:
+    """The last step of an export, for each of `names` that exists: give it the permissions of any new
+    file here (writers that go through temp files leave 0600, so another service user could not read
+    the export), and record its size (checked at every load) and sha256 (load(verify=True), `answerfirst
+    verify`)."""
     directory = Path(directory)
-    manifest.info[FILES_KEY] = {name: (directory / name).stat().st_size for name in names if (directory / name).is_file()}
+    present = [name for name in names if (directory / name).is_file()]
+    mode = default_file_mode(directory)
+    for name in present:
+        os.chmod(directory / name, mode)
+    manifest.info[FILES_KEY] = {name: (directory / name).stat().st_size for name in present}
+    manifest.info[SHA256_KEY] = {name: file_sha256(directory / name) for name in present}
+
+
+def default_file_mode(directory: str | Path) -> int:
+    """The mode a file newly created in `directory` gets (0o666 less the umask), read from a probe file
+    rather than os.umask, which would change the umask of every thread for a moment."""
+    fd, probe = None, Path(directory) / f".mode-probe-{os.getpid()}-{id(directory)}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        return os.stat(probe).st_mode & 0o777
+    finally:
+        if fd is not None:
+            os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_file_sizes(directory: str | Path, manifest: Manifest, names: list[str], fix: str) -> None:
@@ -184,18 +219,132 @@ def check_file_sizes(directory: str | Path, manifest: Manifest, names: list[str]
             raise ManifestError(f"{path} is {actual} bytes but was {expected} bytes when exported: it is truncated or corrupted; {fix}")
 
 
+# -- checkpoints: safetensors structure, checksums --------------------------------------------------
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
+
+
+def check_safetensors(path: str | Path, fix: str) -> None:
+    """A .safetensors file is an 8-byte header length, a JSON header with each tensor's byte range,
+    then the data: the file must hold exactly what its header describes. Reads only the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_len <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise ManifestError(f"{path} is not a complete safetensors file (its header is cut or garbled); {fix}")
+        try:
+            header = json.loads(f.read(header_len).decode("utf-8"))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
+            raise ManifestError(f"{path} has a corrupt safetensors header; {fix}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says (corrupt)"
+        raise ManifestError(f"{path} is {state}: {size} bytes where its header describes {expected}; {fix}")
+
+
+def check_checkpoint_files(directory: str | Path) -> None:
+    """The cheap checks of a checkpoint directory before torch reads it: every shard its index names is
+    there and every .safetensors file is complete."""
+    directory = Path(directory)
+    fix = "copy the checkpoint again, or re-run the training that wrote it"
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError):
+            raise ManifestError(f"{index} is not a valid safetensors index; {fix}") from None
+        missing = sorted(name for name in shards if not (directory / name).is_file())
+        if missing:
+            raise ManifestError(f"{directory}: weight shard(s) {', '.join(missing)} named by {index.name} are missing; {fix}")
+    for path in sorted(directory.glob("*.safetensors")):
+        check_safetensors(path, fix)
+
+
+def check_checksums(directory: str | Path, manifest: Manifest | None, names: list[str] | None = None) -> dict[str, str | None]:
+    """sha256 of an artifact's files against what its manifest recorded: {file: None if it matches,
+    else the problem, one line with the fix}.
+
+    An export (onnx, gguf) recorded each file's sha256 at export time (`names`: only those, default
+    all). A checkpoint recorded the sha256 of its weight files together (source.sha256, see
+    checkpoint_hash). Raises ManifestError when nothing was recorded to check against."""
+    directory = Path(directory)
+    if manifest is None:
+        raise ManifestError(f"{directory} has no {MANIFEST_NAME}, so no recorded checksums to verify against")
+    if manifest.kind == "checkpoint":
+        expected = manifest.source.get("sha256")
+        if not expected:
+            raise ManifestError(f"{directory / MANIFEST_NAME} records no sha256 of the weights; nothing to verify against")
+        weights = ", ".join(p.name for p in _weight_files(directory))
+        problem = None
+        if checkpoint_hash(directory) != expected:
+            problem = (
+                f"{directory}: the weight files ({weights}) do not match the sha256 recorded when the checkpoint "
+                "was written: they are corrupted or were replaced; copy it again or re-train"
+            )
+        return {weights: problem}
+    recorded = manifest.info.get(SHA256_KEY)
+    if not recorded:
+        raise ManifestError(
+            f"{directory / MANIFEST_NAME} records no file checksums (exported by an older answerfirst); "
+            f"re-run `answerfirst export {manifest.kind}` to record them"
+        )
+    fix = f"re-run `answerfirst export {manifest.kind}` (or copy the export again)"
+    sizes = manifest.info.get(FILES_KEY, {})
+    results: dict[str, str | None] = {}
+    for name in recorded if names is None else [n for n in names if n in recorded]:
+        path = directory / name
+        if not path.is_file():
+            results[name] = f"{directory}: {name} is missing (the export lists it); {fix}"
+        elif name in sizes and path.stat().st_size != sizes[name]:
+            results[name] = f"{path} is {path.stat().st_size} bytes, not the {sizes[name]} recorded at export: truncated; {fix}"
+        elif (actual := file_sha256(path)) != recorded[name]:
+            results[name] = (
+                f"{path}: sha256 {actual[:12]}… differs from the {recorded[name][:12]}… recorded at export: "
+                f"the file is corrupted; {fix}"
+            )
+        else:
+            results[name] = None
+    return results
+
+
+def verify_checksums(directory: str | Path, manifest: Manifest | None, names: list[str] | None = None) -> None:
+    """check_checksums, raising ManifestError with the first problem."""
+    problems = [p for p in check_checksums(directory, manifest, names).values() if p]
+    if problems:
+        raise ManifestError(problems[0])
+
+
+def variant_files(manifest: Manifest, variant: Variant) -> list[str]:
+    """The recorded files that loading `variant` reads: its own (its file and e.g. file.data) and the
+    ones no variant owns (the tokenizer)."""
+    recorded = set(manifest.info.get(SHA256_KEY, {})) | set(manifest.info.get(FILES_KEY, {}))
+
+    def owner(name: str) -> Variant | None:
+        return next((v for v in manifest.variants if name == v.file or name.startswith(v.file + ".")), None)
+
+    return sorted(name for name in recorded if owner(name) in (None, variant))
+
+
 def has_manifest(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise ManifestError(f"{directory} holds no .safetensors or .bin weight files")
+    return files
 
 
 def checkpoint_hash(directory: str | Path) -> str:
     """sha256 over a checkpoint's weight files (sorted by name): identifies the exact weights."""
     directory = Path(directory)
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    if not files:
-        raise ManifestError(f"{directory} holds no .safetensors or .bin weight files")
     digest = hashlib.sha256()
-    for path in files:
+    for path in _weight_files(directory):
         digest.update(path.name.encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

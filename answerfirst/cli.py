@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("answerfirst.export.cli", "export a student to ONNX (fp32 + int8) or GGUF (F16, Q8_0, K-quants)"),
     "score": (_RUNTIME_VERBS, "score documents for a query with any artifact"),
     "explain": (_RUNTIME_VERBS, "stream the explanation of one (query, document) pair"),
+    "verify": (_RUNTIME_VERBS, "check an artifact's files: sizes, structure and the sha256 its manifest recorded"),
     "bench": ("answerfirst.bench.runner", "latency benchmark of every backend against a naive baseline"),
     "profile": ("answerfirst.bench.profile", "where an ONNX export's scoring time goes, per operator type"),
     "demo": ("answerfirst.demo.app", "open the Gradio demo page"),
@@ -78,10 +79,13 @@ def _quiet_libraries() -> None:
         pass
 
 
-# -- score / explain: the runtime's own verbs --------------------------------------------------------
+# -- score / explain / verify: the runtime's own verbs ----------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    if verb == "verify":
+        parser.add_argument("path", help="student checkpoint, ONNX or GGUF export directory, or a .gguf file")
+        return
     parser.add_argument("--model", required=True, help="student checkpoint, ONNX/GGUF export dir, .gguf file or hub id")
     parser.add_argument("--query", required=True)
     parser.add_argument("--doc", required=True, action="append", help="a document (repeat for several)")
@@ -96,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verb == "verify":
+        return verify(args.path)
     from answerfirst.runtime.api import load
 
     scorer = load(args.model, backend=args.backend, device=args.device, threads=args.threads, variant=args.variant)
@@ -118,6 +124,45 @@ def run(args: argparse.Namespace) -> int:
             cut = "  (truncated)" if s.truncated else ""
             print(f"{s.expected:6.3f}  grade {scorer.grades[s.grade]}  [{probs}]  {doc[:60]!r}{cut}")
     return 0
+
+
+def verify(path: str) -> int:
+    """Print one line per file (ok, or what is wrong and what to do); 0 when every file is intact."""
+    from pathlib import Path
+
+    from answerfirst.artifact import (
+        Manifest,
+        ManifestError,
+        check_checkpoint_files,
+        check_checksums,
+        has_manifest,
+    )
+
+    location = Path(path)
+    if location.is_file() and location.suffix == ".gguf":
+        from answerfirst.runtime._llamacpp import read_gguf_metadata
+
+        read_gguf_metadata(location)  # raises GGUFError (a ValueError: one line, exit 2) when cut or corrupt
+        print(f"ok      {location} (complete GGUF; a lone file has no recorded sha256 to compare)")
+        return 0
+    if not location.is_dir():
+        raise FileNotFoundError(f"{location} is neither an artifact directory nor a .gguf file")
+    if not has_manifest(location):
+        raise ManifestError(f"{location} has no answerfirst.json: nothing records what its files should be")
+    manifest = Manifest.read(location)
+    if manifest.kind == "checkpoint":
+        try:
+            check_checkpoint_files(location)
+        except ManifestError as e:
+            print(f"FAILED  {e}")
+            return 1
+    results = check_checksums(location, manifest)
+    for name, problem in results.items():
+        print(f"ok      {name}" if problem is None else f"FAILED  {problem}")
+    failed = sum(problem is not None for problem in results.values())
+    print(f"{location}: {len(results) - failed} of {len(results)} file(s) match the recorded sha256"
+          + (f"; {failed} FAILED" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from answerfirst.runtime._llamacpp import (  # noqa: E402
     read_gguf_metadata,
     tokenizer_from_metadata,
 )
-from answerfirst.runtime.api import ScorerConfig  # noqa: E402
+from answerfirst.runtime.api import ContextLengthError, ScorerConfig  # noqa: E402
 
 # The exact path: F32 KV cache, no flash attention (whose CPU kernel rounds through F16: ~2e-4).
 F32_KV = ScorerConfig(kv_cache_type="f32", flash_attn=False, n_ctx=2048)
@@ -231,8 +231,10 @@ def test_small_context_splits_batches_without_changing_scores(gguf_export, f32_s
     expected = as_array(f32_scorer.score(QUERY, DOCS))
     tight = answerfirst.load(gguf_export, variant="f32", threads=1, config=replace(F32_KV, n_ctx=256, n_batch=32))
     np.testing.assert_allclose(as_array(tight.score(QUERY, DOCS)), expected, atol=1e-5)
-    with pytest.raises(GGUFError, match="does not fit the context"):
+    before = tight.backend.evaluated_tokens
+    with pytest.raises(ContextLengthError, match=r"does not fit the context of 256 \(n_ctx=256; raise it with ScorerConfig"):
         tight.score(QUERY, ["word " * 400])
+    assert tight.backend.evaluated_tokens == before  # refused before llama_decode
 
 
 def test_explain_gives_torch_greedy_tokens(f32_scorer, tiny_scorer):

@@ -198,3 +198,134 @@ def test_bitsandbytes_8bit_scores_close_to_fp32(tiny_checkpoint, tiny_scorer):
 def test_cuda_matches_cpu(tiny_checkpoint, tiny_scorer):
     gpu = answerfirst.load(tiny_checkpoint, device="cuda")
     np.testing.assert_allclose(as_array(gpu.score(QUERY, DOCS)), as_array(tiny_scorer.score(QUERY, DOCS)), atol=2e-2)
+
+
+# -- trust: inputs that cannot poison a score, threads, concurrency -------------------------------------
+
+
+def test_non_finite_logits_are_an_error_naming_the_checkpoint(tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from answerfirst.runtime.api import NonFiniteScoreError
+
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    weights["model.norm.weight"][3] = float("nan")  # as a bad quantization or an overflow would leave it
+    save_file(weights, tiny_model_dir / "model.safetensors", metadata={"format": "pt"})
+    scorer = answerfirst.load(tiny_model_dir)
+    with pytest.raises(NonFiniteScoreError, match=f"{tiny_model_dir}.*non-finite grade logits"):
+        scorer.score(QUERY, DOCS)
+    with pytest.raises(NonFiniteScoreError):
+        answerfirst.score(QUERY, DOCS[0], model=scorer)
+
+
+def test_huge_query_is_refused_before_any_forward_pass(tiny_checkpoint):
+    from pairs import HUGE_QUERY
+
+    from answerfirst.runtime.api import DEFAULT_MAX_QUERY_TOKENS, ContextLengthError
+
+    scorer = answerfirst.load(tiny_checkpoint)
+    with pytest.raises(FormatError, match=f"query is \\d+ tokens, over the limit of {DEFAULT_MAX_QUERY_TOKENS}"):
+        scorer.score(HUGE_QUERY, DOCS)
+    assert scorer.backend.prefix_cache.misses == 0  # nothing ran
+    # with the query limit lifted, the model's own context (max_position_embeddings 4096) refuses it
+    unlimited = answerfirst.load(tiny_checkpoint, config=ScorerConfig(max_query_tokens=10**7))
+    with pytest.raises(ContextLengthError, match="does not fit the context of 4096 .*max_position_embeddings"):
+        unlimited.score(HUGE_QUERY, DOCS)
+    assert unlimited.backend.prefix_cache.misses == 0
+    # a query at the limit still scores
+    at_limit = answerfirst.load(tiny_checkpoint, config=ScorerConfig(max_query_tokens=len(scorer.prompts.encode_text(QUERY))))
+    np.testing.assert_allclose(as_array(at_limit.score(QUERY, DOCS)), as_array(scorer.score(QUERY, DOCS)), atol=1e-6)
+    with pytest.raises(ValueError, match="max_query_tokens: must be >= 1"):
+        ScorerConfig(max_query_tokens=0)
+
+
+def test_explain_stops_at_the_context(tiny_checkpoint, tiny_scorer, caplog):
+    scorer = answerfirst.load(tiny_checkpoint)
+    room = 5
+    scorer.backend.max_positions = len(scorer.prompts.prompt(QUERY, DOCS[0]).input_ids) + 1 + room
+    with caplog.at_level("WARNING"):
+        text = "".join(scorer.explain(QUERY, DOCS[0], max_new_tokens=40))
+    assert text == "".join(tiny_scorer.explain(QUERY, DOCS[0], max_new_tokens=room))
+    assert "explanation is cut at 5 tokens" in caplog.text
+
+
+def test_a_second_torch_thread_setting_warns_that_it_overrides_the_first(tiny_checkpoint, tiny_model_dir, caplog):
+    before = torch.get_num_threads()
+    try:
+        first = answerfirst.load(tiny_checkpoint, threads=1)
+        with caplog.at_level("WARNING", logger="answerfirst.runtime._torch"):
+            answerfirst.load(tiny_checkpoint, threads=1)  # the same setting: nothing changes
+            assert "process-wide" not in caplog.text
+            second = answerfirst.load(tiny_model_dir, threads=2)
+        assert torch.get_num_threads() == 2
+        assert "process-wide: threads=2" in caplog.text and f"{tiny_checkpoint}" in caplog.text
+        assert "threads=1" in caplog.text
+        np.testing.assert_allclose(as_array(first.score(QUERY, DOCS)), as_array(second.score(QUERY, DOCS)), atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_with_distinct_queries_equal_sequential(tiny_checkpoint):
+    from pairs import assert_threads_equal_sequential
+
+    scorer = answerfirst.load(tiny_checkpoint)
+    assert_threads_equal_sequential(scorer)
+    assert scorer.backend.prefix_cache.misses > scorer.backend.prefix_cache.capacity  # the cache really cycled
+
+
+def test_concurrent_first_calls_of_score_load_one_scorer(tiny_checkpoint, monkeypatch):
+    """Eight threads ask answerfirst.score() for the same new model at once: it is loaded once, every
+    call gets the same scores, and a model already loaded is never held up by another's load."""
+    from answerfirst.runtime import api
+
+    real_load = api.load
+    loads: list[str] = []
+    release_other = threading.Event()
+
+    def counting_load(path, *args, **kwargs):  # the real load, counted; "other" waits until released
+        loads.append(str(path))
+        if str(path).endswith("other"):
+            assert release_other.wait(60), "the other model's load was never released"
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_scorers", {})
+    monkeypatch.setattr(api, "_loading", {})
+    monkeypatch.setattr(api, "load", counting_load)
+    barrier = threading.Barrier(8)
+    results, errors = [], []
+
+    def first_call():
+        try:
+            barrier.wait()
+            results.append(answerfirst.score(QUERY, DOCS[0], model=tiny_checkpoint))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert loads == [str(tiny_checkpoint)]
+    assert len(results) == 8 and all(r == results[0] for r in results)
+
+    # a slow load of another model does not block scoring with the one already loaded
+    other = tiny_checkpoint.parent / "other"
+    other.symlink_to(tiny_checkpoint, target_is_directory=True)
+    slow = threading.Thread(target=lambda: answerfirst.score(QUERY, DOCS[0], model=other))
+    meanwhile: list = []
+    quick = threading.Thread(target=lambda: meanwhile.append(answerfirst.score(QUERY, DOCS[0], model=tiny_checkpoint)))
+    slow.start()
+    try:
+        while str(other) not in loads and slow.is_alive():
+            slow.join(0.01)
+        quick.start()
+        quick.join(60)  # the old single lock held every caller until "other" finished loading
+        assert meanwhile == [results[0]], "scoring a loaded model waited for another model's load"
+    finally:
+        release_other.set()
+        slow.join()
+        quick.join()
+        other.unlink()
+    assert loads == [str(tiny_checkpoint), str(other)]

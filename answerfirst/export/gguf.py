@@ -41,10 +41,10 @@ from answerfirst.artifact import (
     ManifestError,
     Variant,
     checkpoint_hash,
+    finalize_files,
     has_manifest,
-    record_file_sizes,
 )
-from answerfirst.export.parity import ParityThresholds, log_report, parity_report
+from answerfirst.export.parity import ParityThresholds, log_report, measure, summary
 from answerfirst.export.parity import probe_pairs as student_probe_pairs
 from answerfirst.offline import QWEN_SPLIT_PATTERN
 from answerfirst.runtime.api import ScorerConfig
@@ -518,7 +518,8 @@ def export_gguf(
     done = {v.name: v for v in previous.variants} if previous else {}
     pairs = list(probe_pairs) if probe_pairs is not None else student_probe_pairs(student)
 
-    tokenizer.save_pretrained(out_dir)  # the runtime tokenizes with exactly the student's tokenizer
+    # the runtime tokenizes with exactly the student's tokenizer
+    tokenizer_files = [Path(f).name for f in tokenizer.save_pretrained(out_dir)]
     manifest = Manifest(
         kind="gguf",
         format=fmt,
@@ -591,7 +592,7 @@ def export_gguf(
         parity_config={k: getattr(PARITY_CONFIG, k) for k in ("kv_cache_type", "flash_attn", "n_ctx", "n_batch")},
         seconds=round(time.perf_counter() - started, 1),
     )
-    record_file_sizes(manifest, out_dir, [v.file for v in manifest.variants])
+    finalize_files(manifest, out_dir, [v.file for v in manifest.variants] + tokenizer_files)
     manifest.write(out_dir)
     return manifest
 
@@ -613,10 +614,10 @@ def _variant_parity(
     config = PARITY_CONFIG
     adapter, prompts = open_gguf(out_dir, manifest, threads, variant.name, config)
     try:
-        candidate = Scorer(adapter, prompts, config, manifest).score_pairs(pairs)
+        scorer = Scorer(adapter, prompts, config, manifest)
+        report = measure(reference, lambda: scorer.score_pairs(pairs), QUANTS[variant.name].thresholds)
     finally:
         adapter.close()
-    report = parity_report(reference, candidate, QUANTS[variant.name].thresholds)
     report["kv_cache_type"] = "f32"
     log_report(f"gguf {variant.name}", report)
     return report
@@ -681,8 +682,7 @@ def run(args: argparse.Namespace) -> int:
         p = v.parity or {}
         status = "PASSED" if v.parity_passed else "FAILED " + "; ".join(p.get("failures", []))
         print(
-            f"  {v.name:7s} {v.file:24s} {size:9.1f} MiB  max|dp|={p.get('max_abs_dp', float('nan')):.2e} "
-            f"agreement={p.get('grade_agreement', float('nan')):.3f} spearman={p.get('spearman_expected', float('nan')):.4f}  {status}"
+            f"  {v.name:7s} {v.file:24s} {size:9.1f} MiB  {summary(p)}  {status}"
         )
     if not any(v.parity_passed for v in manifest.variants):
         print("no variant passed parity; load one explicitly with variant=...")

@@ -40,10 +40,10 @@ from answerfirst.artifact import (
     Manifest,
     Variant,
     checkpoint_hash,
+    finalize_files,
     has_manifest,
-    record_file_sizes,
 )
-from answerfirst.export.parity import ParityThresholds, log_report, parity_report
+from answerfirst.export.parity import ParityThresholds, log_report, measure, summary
 from answerfirst.export.parity import probe_pairs as default_probe_pairs
 from answerfirst.runtime._onnx import (
     GRAPH_VERSION,
@@ -52,6 +52,7 @@ from answerfirst.runtime._onnx import (
     META_HEAD_DIM,
     META_KV_HEADS,
     META_LAYERS,
+    META_MAX_POSITIONS,
     META_SOURCE_SHA,
     META_VOCAB,
     OnnxBackend,
@@ -70,8 +71,8 @@ VOCAB_HEAD = "vocab_head"  # node name of the full-vocabulary head (decoding onl
 # cannot hold a message over 2 GiB, and onnxruntime maps a .data file instead of parsing a second
 # in-memory copy (Qwen3-0.6B int8: 0.46 GB RSS after load vs 2.0 GB from one 1 GB .onnx file).
 EXTERNAL_DATA_THRESHOLD = 32 * 2**20
-FP32_THRESHOLDS = ParityThresholds(max_abs_dp=1e-4)
-INT8_THRESHOLDS = ParityThresholds(min_agreement=0.98, min_spearman=0.99)
+FP32_THRESHOLDS = ParityThresholds(max_abs_dp=1e-4, min_spearman=0.99)
+INT8_THRESHOLDS = ParityThresholds(max_abs_dp=0.05, min_agreement=0.98, min_spearman=0.99)
 INT8_SCHEMES = ("auto", "per-channel", "per-tensor")
 # rope types whose inverse frequencies do not depend on the sequence length (so they can be constants)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -414,6 +415,7 @@ def export_onnx(
         META_HEAD_DIM: str(getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads),
         META_VOCAB: str(model.config.vocab_size),
         META_SOURCE_SHA: sha,
+        META_MAX_POSITIONS: str(model.config.max_position_embeddings),
     }
 
     fp32_path = out / FP32_FILE
@@ -445,10 +447,8 @@ def export_onnx(
                 _quantize_int8(fp32_path, path, per_channel=scheme == "per-channel", metadata=meta)
             report = _parity(path, pad_id, prompts, ref_scores, pairs, INT8_THRESHOLDS, threads, prepack=False)
             candidates[scheme] = report
-            rank = (report["grade_agreement"], _nan_low(report["spearman_expected"]), -report["max_abs_dp"])
-            logger.info(
-                "int8 %s: agreement=%.3f spearman=%.4f max|dp|=%.3e", scheme, *rank[:2], report["max_abs_dp"]
-            )
+            rank = (report["passed"], *(_or_worst(report[k], sign) for k, sign in RANK_KEYS))
+            logger.info("int8 %s: %s", scheme, summary(report))
             if best is None or rank > best[0]:
                 best = (rank, scheme, path)
         assert best is not None
@@ -473,7 +473,7 @@ def export_onnx(
         _remove_graph(out / INT8_FILE)  # an int8 graph of an earlier run would not match this manifest
 
     step("writing tokenizer and answerfirst.json")
-    prompts.tokenizer.save_pretrained(out)
+    tokenizer_files = [Path(f).name for f in prompts.tokenizer.save_pretrained(out)]
     info["probe_pairs"] = [list(p) for p in pairs]
     info["export_seconds"] = round(time.perf_counter() - started, 1)
     info["student_info"] = {k: v for k, v in (student_manifest.info if student_manifest else {}).items() if k != "probe_pairs"}
@@ -485,7 +485,7 @@ def export_onnx(
         variants=variants,
         info=info,
     )
-    record_file_sizes(manifest, out, [name for v in variants for name in (v.file, v.file + ".data")])
+    finalize_files(manifest, out, [name for v in variants for name in (v.file, v.file + ".data")] + tokenizer_files)
     manifest.write(out)
     failed = [v.name for v in variants if not v.parity_passed]
     if failed:
@@ -531,11 +531,16 @@ def _reusable(path: Path, metadata: dict[str, str], force: bool) -> bool:
 def _parity(path, pad_id, prompts, ref_scores, pairs, thresholds, threads, prepack) -> dict[str, Any]:
     """Scored with the session options the runtime will use for this variant (runtime._onnx.prepacks)."""
     scorer = Scorer(OnnxBackend(open_session(path, threads, prepack), pad_id, str(path)), prompts, ScorerConfig(), None)
-    return parity_report(ref_scores, scorer.score_pairs(pairs), thresholds)
+    return measure(ref_scores, lambda: scorer.score_pairs(pairs), thresholds)
 
 
-def _nan_low(value: float) -> float:
-    return -2.0 if np.isnan(value) else value
+# How int8 schemes are ranked after "passed": agreement, then Spearman, then max |dp| (lower is better).
+RANK_KEYS = (("grade_agreement", 1.0), ("spearman_expected", 1.0), ("max_abs_dp", -1.0))
+
+
+def _or_worst(value: float | None, sign: float) -> float:
+    """sign * value, with an unmeasurable value (None) ranked below every measured one."""
+    return -np.inf if value is None else sign * value
 
 
 def _move_graph(src: Path, dst: Path) -> None:
@@ -584,8 +589,6 @@ def run(args: argparse.Namespace) -> int:
         status = "passed" if v.parity_passed else "FAILED: " + "; ".join(p.get("failures", []))
         size = sum(s for name, s in manifest.info[FILES_KEY].items() if name.startswith(v.file)) / 2**20
         print(
-            f"  {v.name:5s} {v.file:18s} {size:9.1f} MiB  max|dp|={p.get('max_abs_dp', float('nan')):.2e}  "
-            f"agreement={p.get('grade_agreement', float('nan')):.3f}  spearman={p.get('spearman_expected', float('nan')):.4f}  "
-            f"parity {status}"
+            f"  {v.name:5s} {v.file:18s} {size:9.1f} MiB  {summary(p)}  parity {status}"
         )
     return 0 if all(v.parity_passed for v in manifest.variants if v.name == "fp32") else 1

@@ -260,6 +260,7 @@ class LlamaCppBackend:
         route_llama_logs(llama_cpp)
         self._llama = llama_cpp
         self.path = path
+        self.artifact = str(path)
         self.grade_ids = np.asarray(grade_ids, dtype=np.int64)
         self._lock = threading.Lock()
         self._seq0: list[int] = []  # the token ids whose KV seq 0 holds, from position 0
@@ -307,6 +308,13 @@ class LlamaCppBackend:
             self.close()
             raise GGUFError(f"llama.cpp could not create a context for {path} (n_ctx={n_ctx}).{_llama_said()}")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.threads = int(llama_cpp.llama_n_threads(self._ctx))  # this context's own: Scorers never share it
+        # One prompt's cells must fit the pool (_groups splits documents that do not fit together).
+        self.max_positions = self.n_ctx
+        self.context_note = (
+            f"n_ctx={self.n_ctx}, the model's training context" if n_ctx < config.n_ctx
+            else f"n_ctx={self.n_ctx}; raise it with ScorerConfig(n_ctx=...)"
+        )
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._sampler = llama_cpp.llama_sampler_init_greedy()

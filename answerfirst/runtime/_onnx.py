@@ -37,7 +37,10 @@ META_KV_HEADS = "answerfirst.num_key_value_heads"
 META_HEAD_DIM = "answerfirst.head_dim"
 META_VOCAB = "answerfirst.vocab_size"
 META_SOURCE_SHA = "answerfirst.source_sha256"
+META_MAX_POSITIONS = "answerfirst.max_position_embeddings"
 GRAPH_VERSION = "1"
+# The prompt limit of a graph exported before META_MAX_POSITIONS was recorded (Qwen3's own is 40960).
+UNRECORDED_MAX_POSITIONS = 32768
 
 _ONNX_INSTALL = 'pip install "answerfirst[onnx]"'
 
@@ -97,8 +100,16 @@ class OnnxBackend:
     def __init__(self, session: Any, pad_id: int, where: str = "graph"):
         self.session = session
         self.pad_id = int(pad_id)
-        self.where = where
+        self.where = self.artifact = where
+        options = session.get_session_options()
+        self.threads = int(options.intra_op_num_threads)  # per session: 0 = onnxruntime's default (all cores)
         meta = session.get_modelmeta().custom_metadata_map
+        if META_MAX_POSITIONS in meta:
+            self.max_positions = int(meta[META_MAX_POSITIONS])
+            self.context_note = "max_position_embeddings of the exported model"
+        else:
+            self.max_positions = UNRECORDED_MAX_POSITIONS
+            self.context_note = "assumed: this graph records no limit; re-export it to record the model's own"
         try:
             self.num_layers = int(meta[META_LAYERS])
             self.kv_heads = int(meta[META_KV_HEADS])

@@ -9,6 +9,7 @@ come after it, so no attention mask is needed and padded rows stay exact.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,10 +25,13 @@ logger = logging.getLogger(__name__)
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Any, grade_ids: Sequence[int], pad_id: int, device: torch.device):
+    def __init__(self, model: Any, grade_ids: Sequence[int], pad_id: int, device: torch.device, artifact: str = "model"):
         self.model = model
         self.device = device
         self.pad_id = pad_id
+        self.artifact = artifact
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", None) or 2**31 - 1)
+        self.context_note = "max_position_embeddings of its config.json"
         head = model.get_output_embeddings().weight  # (V, H)
         self.grade_head = head[list(grade_ids)].detach().float().clone()  # (K, H)
         self.prefix_cache = PrefixCache()
@@ -95,8 +99,6 @@ def open_torch(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -123,7 +125,28 @@ def open_torch(
     if model.config.vocab_size <= max(prompts.grade_ids):
         raise ManifestError(f"{path}: grade token ids {list(prompts.grade_ids)} exceed the model's vocabulary")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
-    return TorchBackend(model, prompts.grade_ids, pad_id, torch.device(device)), prompts
+    backend = TorchBackend(model, prompts.grade_ids, pad_id, torch.device(device), artifact=path)
+    if threads is not None:
+        set_threads(backend, threads)
+    return backend, prompts
+
+
+# torch backends that asked for a thread count, and the count each asked for
+_thread_requests: weakref.WeakKeyDictionary[TorchBackend, int] = weakref.WeakKeyDictionary()
+
+
+def set_threads(backend: TorchBackend, threads: int) -> None:
+    """torch.set_num_threads is process-wide: a torch Scorer cannot have threads of its own. When a
+    new setting overrides one that a torch Scorer still alive asked for, say so."""
+    overridden = sorted({(b.artifact, n) for b, n in list(_thread_requests.items()) if n != threads and b is not backend})
+    if overridden:
+        logger.warning(
+            "torch's thread count is process-wide: threads=%d for %s now also applies to %s, loaded earlier with %s",
+            threads, backend.artifact, ", ".join(a for a, _ in overridden),
+            ", ".join(f"threads={n}" for _, n in overridden),
+        )
+    torch.set_num_threads(threads)
+    _thread_requests[backend] = threads
 
 
 def _bitsandbytes_config(quantization: str) -> Any:

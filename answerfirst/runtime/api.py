@@ -9,7 +9,9 @@ load. Every adapter answers the same two calls:
     generate(input_ids, max_new_tokens) -> Iterator[int]
         greedy next-token ids after `input_ids`, using the adapter's KV cache.
 
-so tokenization, length bucketing, the score formula and explanation streaming live here once.
+and states what it runs and how long a prompt may be (`artifact`, `max_positions`, `context_note`),
+so tokenization, length bucketing, the input limits, the score formula (with its refusal of
+non-finite logits) and explanation streaming live here once, for every backend.
 """
 
 from __future__ import annotations
@@ -25,8 +27,23 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from answerfirst.afrl import FormatError, PromptTokenizer, Score, check_docs, check_text, scores_from_logits
-from answerfirst.artifact import Manifest, ManifestError, has_manifest
+from answerfirst.afrl import (
+    FormatError,
+    Prompt,
+    PromptTokenizer,
+    Score,
+    check_docs,
+    check_text,
+    scores_from_logits,
+)
+from answerfirst.artifact import (
+    Manifest,
+    ManifestError,
+    check_checkpoint_files,
+    has_manifest,
+    variant_files,
+    verify_checksums,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +51,15 @@ BACKENDS = ("torch", "onnx", "gguf")
 _KIND_TO_BACKEND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}
 DEFAULT_MODEL_ENV = "ANSWERFIRST_MODEL"
 DEFAULT_MODEL_PATH = "artifacts/student"
+DEFAULT_MAX_QUERY_TOKENS = 256
+
+
+class ContextLengthError(FormatError):
+    """A prompt (rubric + query + document + suffix) is longer than the model's context."""
+
+
+class NonFiniteScoreError(RuntimeError):
+    """The model gave NaN or infinite grade logits: its weights are corrupt or a kernel overflowed."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,11 @@ class ScorerConfig:
     batch_size: documents per forward pass (after sorting by length, so padding stays small).
     reuse_prefix: compute the rubric+query prefix once per query (off only to measure its gain).
     max_doc_tokens: override the artifact's document truncation length.
+    max_query_tokens: a longer query is refused (FormatError) before anything runs. The query is
+        never truncated (it is part of the shared prefix), and without a bound one request can take
+        a process down: a 200,000-character query (~32k tokens) grew an ONNX scorer past 24 GB.
+        256 tokens hold any search query; raise it for long questions (the prompt must still fit
+        the model's context, which every backend checks too).
     n_ctx, n_batch, flash_attn, kv_cache_type: llama.cpp context settings ("f32" KV for parity).
         n_ctx is the KV cell pool of ALL documents in flight, so it bounds memory, not the batch:
         documents that do not fit together run in more llama_decode groups, and attention spans
@@ -56,6 +87,7 @@ class ScorerConfig:
     batch_size: int = 16
     reuse_prefix: bool = True
     max_doc_tokens: int | None = None
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
     n_ctx: int = 1024
     n_batch: int = 256
     flash_attn: bool = True
@@ -66,12 +98,17 @@ class ScorerConfig:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
             raise ValueError(f"max_doc_tokens: must be >= 1, got {self.max_doc_tokens}")
+        if self.max_query_tokens < 1:
+            raise ValueError(f"max_query_tokens: must be >= 1, got {self.max_query_tokens}")
         if self.kv_cache_type not in ("f16", "f32", "q8_0"):
             raise ValueError(f"kv_cache_type: one of f16, f32, q8_0; got {self.kv_cache_type!r}")
 
 
 class Backend(Protocol):
     name: str
+    artifact: str  # the file (or checkpoint directory) whose weights it runs: named in errors
+    max_positions: int  # the longest prompt, in tokens, it can score
+    context_note: str  # where max_positions comes from and how to change it, for the error message
 
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray: ...
 
@@ -130,10 +167,14 @@ class Scorer:
         return self.prompts.format.grades
 
     def score(self, query: str, docs: Sequence[str]) -> list[Score]:
-        """One query, many documents: the prefix is tokenized and run once, then every document."""
-        prompts = self.prompts.prompts(query, docs)
+        """One query, many documents: the prefix is tokenized and run once, then every document.
+
+        Refused before any forward pass: a query over `config.max_query_tokens`, a prompt longer than
+        the backend's context. Refused after it: non-finite logits (never returned as a Score)."""
+        prompts = self.prompts.prompts(query, docs, max_query_tokens=self.config.max_query_tokens)
         if not prompts:
             return []
+        check_context(prompts, self.backend)
         prefix = prompts[0].prefix_ids
         if self.config.reuse_prefix:
             sequences = [p.continuation_ids for p in prompts]
@@ -148,6 +189,7 @@ class Scorer:
                 prefix if self.config.reuse_prefix else None, [sequences[i] for i in batch]
             )
             logits[batch] = batch_logits  # (b, K)
+        check_finite(logits, self.backend.artifact)
         return scores_from_logits(logits, self.prompts.format.values, [p.truncated for p in prompts])
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Score]:
@@ -175,6 +217,13 @@ class Scorer:
         grade = self.score(query, [doc])[0].grade
         prompt = self.prompts.prompt(query, doc)
         ids = [*prompt.input_ids, self.prompts.grade_ids[grade]]
+        room = self.backend.max_positions - len(ids)
+        if room < max_new_tokens:
+            logger.warning(
+                "%s: the explanation is cut at %d tokens, where the prompt fills the context (%s)",
+                self.backend.artifact, max(room, 0), self.backend.context_note,
+            )
+            max_new_tokens = max(room, 0)
         return self.prompts.stream_explanation(self.backend.generate(ids, max_new_tokens))
 
     def close(self) -> None:
@@ -184,6 +233,29 @@ class Scorer:
 
     def __repr__(self) -> str:
         return f"Scorer(backend={self.backend.name!r}, grades={list(self.grades)})"
+
+
+def check_context(prompts: Sequence[Prompt], backend: Backend) -> None:
+    """Refuse, before any forward pass, a prompt longer than the backend's context."""
+    longest = max(prompts, key=lambda p: len(p.prefix_ids) + len(p.doc_ids) + len(p.suffix_ids))
+    length = len(longest.prefix_ids) + len(longest.doc_ids) + len(longest.suffix_ids)
+    if length > backend.max_positions:
+        raise ContextLengthError(
+            f"{backend.artifact}: a prompt of {length} tokens (rubric + query {len(longest.prefix_ids)}, document "
+            f"{len(longest.doc_ids)}, suffix {len(longest.suffix_ids)}) does not fit the context of "
+            f"{backend.max_positions} ({backend.context_note}); shorten the query or lower ScorerConfig(max_doc_tokens=...)"
+        )
+
+
+def check_finite(grade_logits: np.ndarray, artifact: str) -> None:
+    """(B, K) grade logits must be finite: a NaN or inf is an error naming the artifact, never a Score."""
+    bad = np.flatnonzero(~np.isfinite(grade_logits).all(axis=1))
+    if bad.size:
+        raise NonFiniteScoreError(
+            f"{artifact} gave non-finite grade logits (NaN or inf) for {bad.size} of {len(grade_logits)} "
+            f"document(s) (first: #{int(bad[0])}); its weights are corrupt or a quantized kernel overflowed: "
+            f"check the files with `answerfirst verify`, re-export, or load another variant"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,12 +272,15 @@ def load(
     quantization: str | None = None,
     variant: str | None = None,
     config: ScorerConfig | None = None,
+    verify: bool = False,
 ) -> Scorer:
     """Open an artifact (student checkpoint, ONNX export, GGUF export, plain HF checkpoint dir or
     hub id) and return a Scorer on the backend its manifest calls for (or the one named).
 
     quantization: "8bit" | "4bit" loads a torch checkpoint through bitsandbytes.
     variant: which file of an ONNX/GGUF export; default: the fastest one whose parity passed.
+    verify: check the sha256 of every file this load reads against the manifest's record (reads
+        them all once more; without it, load checks only sizes and file structure, which is cheap).
     """
     config = config or ScorerConfig()
     if backend not in ("auto", *BACKENDS):
@@ -236,6 +311,11 @@ def load(
         raise ValueError(f"quantization={quantization!r} applies to torch checkpoints; {kind} exports are quantized at export")
     if variant is not None and chosen == "torch":
         raise ValueError("variant= selects a file of an ONNX or GGUF export; a checkpoint has one")
+    if chosen == "torch" and location.is_dir():
+        check_checkpoint_files(location)
+    if verify:
+        names = None if manifest is None or kind == "checkpoint" else variant_files(manifest, manifest.variant(variant))
+        verify_checksums(location, manifest, names)
 
     if chosen == "torch":
         from answerfirst.runtime._torch import open_torch
@@ -279,27 +359,39 @@ def bind_format(tokenizer: Any, manifest: Manifest | None, config: ScorerConfig,
 # ------------------------------------------------------------------------------------------------
 
 _scorers: dict[str, Scorer] = {}
-_scorers_lock = threading.Lock()
+_loading: dict[str, threading.Lock] = {}  # one lock per model key: a load never blocks another model
+_scorers_lock = threading.Lock()  # guards the two dicts, held only for lookups
 
 
 def score(query: str, doc_or_docs: str | Sequence[str], model: str | os.PathLike[str] | Scorer | None = None):
     """Score one document (returns a Score) or a list of documents (returns a list of Score).
 
     model: a Scorer, or a path / hub id opened once and cached; default $ANSWERFIRST_MODEL, else
-    artifacts/student (what `make distill` writes)."""
-    if isinstance(model, Scorer):
-        scorer = model
-    else:
-        key = str(model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL_PATH)
-        with _scorers_lock:
-            if key not in _scorers:
-                if model is None and not Path(key).exists():
-                    raise FileNotFoundError(
-                        f"no model given and {key} does not exist: run `make distill`, set "
-                        f"${DEFAULT_MODEL_ENV}, or pass model=PATH"
-                    )
-                _scorers[key] = load(key)
-            scorer = _scorers[key]
+    artifacts/student (what `make distill` writes). Concurrent first calls for one model load it
+    once (the others wait for it); calls for a model already loaded never wait for another's load."""
+    scorer = model if isinstance(model, Scorer) else _cached_scorer(model)
     if isinstance(doc_or_docs, str):
         return scorer.score(query, [doc_or_docs])[0]
     return scorer.score(query, check_docs(doc_or_docs))
+
+
+def _cached_scorer(model: str | os.PathLike[str] | None) -> Scorer:
+    key = str(model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL_PATH)
+    with _scorers_lock:
+        if key in _scorers:
+            return _scorers[key]
+        key_lock = _loading.setdefault(key, threading.Lock())
+    with key_lock:
+        with _scorers_lock:
+            if key in _scorers:  # loaded by the thread this one waited for
+                return _scorers[key]
+        if model is None and not Path(key).exists():
+            raise FileNotFoundError(
+                f"no model given and {key} does not exist: run `make distill`, set "
+                f"${DEFAULT_MODEL_ENV}, or pass model=PATH"
+            )
+        scorer = load(key)
+        with _scorers_lock:
+            _scorers[key] = scorer
+            _loading.pop(key, None)
+        return scorer
