@@ -372,3 +372,92 @@ def test_cli_export_gguf(tiny_checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "f32" in printed and "PASSED" in printed
     assert os.path.isfile(out / "student-f32.gguf")
+
+
+# -- trust: files, numbers, inputs, threads ---------------------------------------------------------
+
+
+def _poison(path: Path, tensor_name: str, value: float) -> None:
+    """Overwrite one F32 tensor of a GGUF file with `value`, in place (the file keeps its size)."""
+    reader = gguf.GGUFReader(path)
+    tensor = next(t for t in reader.tensors if t.name == tensor_name)
+    offset, count = int(tensor.data_offset), int(tensor.n_elements)
+    del reader
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(np.full(count, value, dtype=np.float32).tobytes())
+
+
+def test_exported_files_are_readable_like_every_other_artifact(gguf_export):
+    mode = (gguf_export / "answerfirst.json").stat().st_mode & 0o777
+    for f in gguf_export.iterdir():
+        assert f.stat().st_mode & 0o777 == mode, f.name
+    recorded = Manifest.read(gguf_export).info
+    assert {"student-f32.gguf", "student-f16.gguf", "student-q8_0.gguf", "tokenizer.json"} <= set(recorded["files_sha256"])
+
+
+def test_corrupt_gguf_fails_verify_and_never_scores_nan(gguf_export, tmp_path):
+    from answerfirst.artifact import ManifestError
+    from answerfirst.runtime.api import NonFiniteScoreError
+
+    export = tmp_path / "export"
+    shutil.copytree(gguf_export, export)
+    assert answerfirst.load(export, variant="f32", threads=1, verify=True).backend.name == "gguf"
+    _poison(export / "student-f32.gguf", "output_norm.weight", np.nan)  # same size: only sha256 sees it
+    with pytest.raises(ManifestError, match=r"student-f32\.gguf: sha256 .* recorded at export: the file is corrupted"):
+        answerfirst.load(export, variant="f32", threads=1, verify=True)
+    answerfirst.load(export, variant="f16", threads=1, verify=True)  # verify reads only the chosen variant
+    scorer = answerfirst.load(export, variant="f32", threads=1, config=F32_KV)
+    with pytest.raises(NonFiniteScoreError, match=r"student-f32\.gguf gave non-finite grade logits"):
+        scorer.score(QUERY, DOCS)
+
+    out = subprocess.run([sys.executable, "-m", "answerfirst.cli", "verify", str(export)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAILED" in out.stdout and "student-f32.gguf" in out.stdout and "ok      student-q8_0.gguf" in out.stdout
+
+
+def test_cli_verify_of_an_export_and_of_a_lone_file(gguf_export, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "answerfirst.cli", "verify", str(gguf_export)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok      student-f16.gguf" in out.stdout and "FAILED" not in out.stdout
+    lone = tmp_path / "alone.gguf"
+    lone.write_bytes((gguf_export / "student-f16.gguf").read_bytes()[:-500])
+    out = subprocess.run([sys.executable, "-m", "answerfirst.cli", "verify", str(lone)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "alone.gguf is not a complete GGUF file (truncated" in out.stderr or "alone.gguf is truncated" in out.stderr
+
+
+def test_huge_query_and_prompt_beyond_the_context_are_refused_before_any_forward_pass(f32_scorer, gguf_export):
+    from pairs import HUGE_QUERY
+
+    from answerfirst.afrl import FormatError
+
+    before = f32_scorer.backend.evaluated_tokens
+    with pytest.raises(FormatError, match="query is \\d+ tokens, over the limit of 256"):
+        f32_scorer.score(HUGE_QUERY, DOCS)
+    assert f32_scorer.backend.evaluated_tokens == before
+    unlimited = answerfirst.load(gguf_export, variant="f32", threads=1, config=replace(F32_KV, max_query_tokens=10**7))
+    with pytest.raises(ContextLengthError, match="does not fit the context of 2048 \\(n_ctx=2048"):
+        unlimited.score(HUGE_QUERY, DOCS)
+    assert unlimited.backend.evaluated_tokens == 0
+
+
+def test_each_scorer_keeps_its_own_threads(gguf_export, f32_scorer):
+    one = answerfirst.load(gguf_export, variant="f32", threads=1, config=F32_KV)
+    two = answerfirst.load(gguf_export, variant="f32", threads=2, config=F32_KV)
+    assert (one.backend.threads, two.backend.threads) == (1, 2)
+    np.testing.assert_allclose(as_array(one.score(QUERY, DOCS)), as_array(two.score(QUERY, DOCS)), atol=1e-6)
+    assert one.backend.threads == 1  # the other context's setting never leaks
+    one.close()
+    two.close()
+
+
+def test_threads_with_distinct_queries_equal_sequential(gguf_export):
+    from pairs import assert_threads_equal_sequential
+
+    scorer = answerfirst.load(gguf_export, variant="q8_0", threads=1, config=replace(F32_KV, batch_size=2))
+    assert_threads_equal_sequential(scorer, atol=1e-5)
+    scorer.close()

@@ -14,6 +14,7 @@ import pytest
 from pairs import DOCS, PAIRS, QUERY, as_array
 
 import answerfirst
+from answerfirst.afrl import FormatError
 from answerfirst.artifact import Manifest, ManifestError
 from answerfirst.runtime.api import ScorerConfig
 
@@ -315,3 +316,142 @@ def test_profile_covers_one_scoring_call_of_the_int8_graph(onnx_export, docs, ru
     assert 0 < profile["kernel_seconds"] <= profile["wall_seconds"]
     assert sum(row["share"] for row in profile["ops"]) == pytest.approx(1.0)
     assert f"{runs} session runs" in markdown(profile)
+
+
+# -- trust: files, numbers, inputs, threads ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def external_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """An fp32 export whose weights live in score_fp32.onnx.data, as every real-size export's do."""
+    import answerfirst.export.onnx as onnx_export_module
+
+    out = tmp_path_factory.mktemp("onnx-data") / "export"
+    before = onnx_export_module.EXTERNAL_DATA_THRESHOLD
+    onnx_export_module.EXTERNAL_DATA_THRESHOLD = 0  # the tiny model's weights are far below 32 MiB
+    try:
+        onnx_export_module.export_onnx(tiny_checkpoint, out, int8=False, probe_pairs=PAIRS)
+    finally:
+        onnx_export_module.EXTERNAL_DATA_THRESHOLD = before
+    return out
+
+
+@pytest.fixture
+def external_copy(external_export, tmp_path) -> Path:
+    out = tmp_path / "export"
+    shutil.copytree(external_export, out)
+    return out
+
+
+def poison_matmul_weight(graph: Path, value: float) -> None:
+    """Overwrite the first MatMul weight stored in GRAPH.data with `value`, in place: the files keep
+    their sizes."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if "MatMul" in t.name and t.external_data)
+    where = {e.key: e.value for e in tensor.external_data}
+    count = int(where["length"]) // 4
+    with (graph.parent / where["location"]).open("r+b") as f:
+        f.seek(int(where["offset"]))
+        f.write(np.full(count, value, dtype=np.float32).tobytes())
+
+
+def test_exported_files_are_readable_like_every_other_artifact(external_export):
+    mode = (external_export / "answerfirst.json").stat().st_mode & 0o777
+    files = sorted(external_export.iterdir())
+    assert any(f.name.endswith(".onnx.data") for f in files)
+    for f in files:
+        assert f.stat().st_mode & 0o777 == mode, f.name  # onnx writes .data 0600 itself
+    recorded = Manifest.read(external_export).info
+    assert set(recorded["files"]) == set(recorded["files_sha256"]) == {f.name for f in files} - {"answerfirst.json"}
+
+
+def test_exported_files_are_world_readable_under_the_usual_umask(tiny_checkpoint, tmp_path):
+    import os
+
+    from answerfirst.export.onnx import export_onnx
+
+    previous = os.umask(0o022)
+    try:
+        export_onnx(tiny_checkpoint, tmp_path / "x", int8=False, probe_pairs=PAIRS[:2])
+    finally:
+        os.umask(previous)
+    for f in (tmp_path / "x").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
+def test_truncated_onnx_data_fails_at_load_naming_the_file(external_copy):
+    data = external_copy / "score_fp32.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4096])
+    with pytest.raises(ManifestError, match=r"score_fp32\.onnx\.data is \d+ bytes but was \d+ bytes when exported.*re-run"):
+        answerfirst.load(external_copy)
+
+
+def test_corrupt_onnx_data_fails_verify_and_never_scores_nan(external_copy, tiny_scorer):
+    from answerfirst.export.onnx import INT8_THRESHOLDS
+    from answerfirst.export.parity import measure
+    from answerfirst.runtime.api import NonFiniteScoreError
+
+    assert answerfirst.load(external_copy, verify=True).backend.name == "onnx"  # intact: verifies
+    graph = external_copy / "score_fp32.onnx"
+    poison_matmul_weight(graph, np.nan)  # what an overflowing kernel leaves behind
+    with pytest.raises(ManifestError, match=r"score_fp32\.onnx\.data: sha256 .* recorded at export: the file is corrupted"):
+        answerfirst.load(external_copy, verify=True)
+    scorer = answerfirst.load(external_copy)  # sizes match: the cheap checks pass
+    with pytest.raises(NonFiniteScoreError, match=r"score_fp32\.onnx gave non-finite grade logits"):
+        scorer.score(QUERY, DOCS)
+    # an export whose variant produces NaN fails its parity instead of recording a number
+    report = measure(tiny_scorer.score_pairs(PAIRS), lambda: scorer.score_pairs(PAIRS), INT8_THRESHOLDS)
+    assert not report["passed"] and "non-finite" in report["failures"][0]
+
+    out = subprocess.run([sys.executable, "-m", "answerfirst.cli", "verify", str(external_copy)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "FAILED" in out.stdout and "score_fp32.onnx.data" in out.stdout and "ok      tokenizer.json" in out.stdout
+
+
+def test_cli_verify_of_an_intact_export(external_export):
+    out = subprocess.run([sys.executable, "-m", "answerfirst.cli", "verify", str(external_export)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok      score_fp32.onnx.data" in out.stdout and "FAILED" not in out.stdout
+
+
+def test_future_format_version_fails_at_load_naming_the_manifest(external_copy):
+    path = external_copy / "answerfirst.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
+    with pytest.raises(ManifestError, match=f"{path}: format_version 99 .* upgrade"):
+        answerfirst.load(external_copy)
+
+
+def test_huge_query_and_prompt_beyond_the_context_are_refused_before_any_forward_pass(onnx_export):
+    from pairs import HUGE_QUERY
+
+    from answerfirst.runtime.api import ContextLengthError
+
+    scorer = answerfirst.load(onnx_export, variant="fp32")
+    with pytest.raises(FormatError, match="query is \\d+ tokens, over the limit of 256"):
+        scorer.score(HUGE_QUERY, DOCS)
+    unlimited = answerfirst.load(onnx_export, variant="fp32", config=ScorerConfig(max_query_tokens=10**7))
+    assert unlimited.backend.max_positions == 4096  # the exported model's max_position_embeddings
+    with pytest.raises(ContextLengthError, match="does not fit the context of 4096"):
+        unlimited.score(HUGE_QUERY, DOCS)
+    assert scorer.backend.prefix_cache.misses == unlimited.backend.prefix_cache.misses == 0  # nothing ran
+
+
+def test_each_scorer_keeps_its_own_threads(onnx_export):
+    one = answerfirst.load(onnx_export, variant="fp32", threads=1)
+    two = answerfirst.load(onnx_export, variant="fp32", threads=2)
+    assert (one.backend.threads, two.backend.threads) == (1, 2)
+    assert one.backend.session.get_session_options().intra_op_num_threads == 1  # loading `two` changed nothing
+    np.testing.assert_allclose(as_array(one.score(QUERY, DOCS)), as_array(two.score(QUERY, DOCS)), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_threads_with_distinct_queries_equal_sequential(onnx_export, variant):
+    from pairs import assert_threads_equal_sequential
+
+    scorer = answerfirst.load(onnx_export, variant=variant)
+    assert_threads_equal_sequential(scorer)
+    assert scorer.backend.prefix_cache.misses > scorer.backend.prefix_cache.capacity
