@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,6 +282,65 @@ def test_label_matches_the_runtime_score_and_explanation(tiny_checkpoint, tmp_pa
         explanation = "".join(scorer.explain(row["query"], row["doc"], max_new_tokens=12)).strip()
         assert row["trace"] == explanation
     assert not label_mod.parts_dir(out).exists()
+
+
+def test_label_refuses_to_merge_rows_of_another_teacher_or_other_settings(tiny_checkpoint, tiny_model_dir, tmp_path):
+    """What a run killed mid-way leaves (OUT.parts with its stamp and rows) is merged only by a rerun
+    with the same teacher and settings; anything else is one line naming what differs."""
+    from safetensors.torch import load_file, save_file
+
+    pairs = _pairs(tmp_path, 2, 3)
+    config = label_mod.LabelConfig(batch_size=4, max_new_tokens=4)
+    first = tmp_path / "first.jsonl"
+    label_mod.label(tiny_checkpoint, pairs, first, config)
+    out = tmp_path / "teacher.jsonl"
+    parts = label_mod.parts_dir(out)
+    parts.mkdir()
+    shutil.move(first, parts / "part-000.jsonl")  # the rows and stamp of an interrupted run of the same labelling
+    shutil.move(label_mod.merged_stamp_path(first), parts / label_mod.STAMP_NAME)
+
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    weights["model.norm.weight"] *= 1.5
+    save_file(weights, tiny_model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"teacher\.jsonl\.parts was labelled with another teacher_sha256 \(\w{12}… vs \w{12}…\)"):
+        label_mod.label(tiny_model_dir, pairs, out, config)
+    with pytest.raises(ValueError, match=r"labelled with another max_new_tokens \(4 vs 6\).*or delete .*teacher\.jsonl\.parts"):
+        label_mod.label(tiny_checkpoint, pairs, out, label_mod.LabelConfig(batch_size=4, max_new_tokens=6))
+    with pytest.raises(ValueError, match=r"another do_sample \(False vs True\), seed \(None vs 0\)"):
+        label_mod.label(tiny_checkpoint, pairs, out, label_mod.LabelConfig(batch_size=4, max_new_tokens=4, do_sample=True))
+    assert not out.exists() and len((parts / "part-000.jsonl").read_text().splitlines()) == 6  # nothing touched
+
+    moved = tmp_path / "moved-teacher"  # the same weights elsewhere, and another batch size: the same labelling
+    shutil.copytree(tiny_checkpoint, moved)
+    result = label_mod.label(moved, pairs, out, label_mod.LabelConfig(batch_size=2, max_new_tokens=4))
+    assert (result.resumed, result.labelled_now) == (6, 0) and not parts.exists()
+
+    # the merged output is stamped too: it is reused only by the same labelling
+    with pytest.raises(ValueError, match=r"teacher\.jsonl was labelled with another teacher_sha256"):
+        label_mod.label(tiny_model_dir, pairs, out, config)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows[1]["doc"] = "A different document under the same id."
+    _write_jsonl(pairs, rows)
+    with pytest.raises(ValueError, match=f"id '{rows[1]['id']}' was labelled .* for another query/document"):
+        label_mod.label(tiny_checkpoint, pairs, out, config)
+    label_mod.merged_stamp_path(out).unlink()  # an output of unknown origin
+    with pytest.raises(ValueError, match=r"teacher\.jsonl holds labelled rows but no teacher\.jsonl\.stamp\.json"):
+        label_mod.label(tiny_checkpoint, pairs, out, config)
+
+
+def test_label_refuses_a_teacher_with_non_finite_logits(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from answerfirst.runtime.api import NonFiniteScoreError
+
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    weights["model.norm.weight"][0] = float("inf")
+    save_file(weights, tiny_model_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "teacher.jsonl"
+    with pytest.raises(NonFiniteScoreError, match=f"{tiny_model_dir} gave non-finite grade logits"):
+        label_mod.label(tiny_model_dir, _pairs(tmp_path, 2, 2), out, label_mod.LabelConfig(max_new_tokens=2))
+    assert not out.exists()
+    assert all(not part.read_text() for part in label_mod.parts_dir(out).glob("part-*.jsonl"))  # no NaN row written
 
 
 def test_bad_rows_stop_the_run_with_line_numbers_or_are_skipped(tmp_path):

@@ -14,6 +14,11 @@ Resuming: rows reach disk one JSON line at a time, flushed after each batch. A r
 command first cuts a partially written last line off each part file, skips every id already in
 OUT or a part file, labels the rest, and writes OUT atomically in input order, so the final file
 holds every input id exactly once whatever moment the previous run was killed at.
+
+Only rows of the same labelling are ever merged: OUT.parts/stamp.json (and OUT.stamp.json beside a
+finished OUT) records the teacher (sha256 of its weights and of the files that define its prompt)
+and every setting that changes a row. A rerun with another teacher or other settings is refused
+with one line naming what differs, and so is a row whose query or document has changed since.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from answerfirst.afrl import grade_probs
 logger = logging.getLogger(__name__)
 
 PARTS_SUFFIX = ".parts"
+STAMP_NAME = "stamp.json"  # in OUT.parts/ while labelling; OUT.stamp.json once OUT is merged
+# Files of a teacher directory that decide its prompts (the weights are hashed by checkpoint_hash).
+PROMPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,12 @@ class Teacher:
         """Label one batch: the input rows plus teacher_probs, trace and truncated."""
         import torch
 
+        from answerfirst.runtime.api import check_context, check_finite
+
         prompts = [self.prompts.prompt(r["query"], r["doc"]) for r in rows]
+        check_context(prompts, self.backend)
         logits = self.backend.grade_logits(None, [p.input_ids for p in prompts])  # (B, K) one forward pass
+        check_finite(logits, self.backend.artifact)  # a NaN teacher must not write NaN training targets
         probs = grade_probs(logits)  # (B, K) float64
         grades = probs.argmax(axis=1)
         answers = [[*p.input_ids, self.prompts.grade_ids[g]] for p, g in zip(prompts, grades, strict=True)]
@@ -224,6 +236,108 @@ def _stable_hash(text: str) -> int:
 
 def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + PARTS_SUFFIX)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stamp: which teacher and settings produced the rows of OUT and OUT.parts
+# ------------------------------------------------------------------------------------------------
+
+
+def merged_stamp_path(out: Path) -> Path:
+    return out.with_name(out.name + ".stamp.json")
+
+
+def labelling_stamp(teacher: str | Path, config: LabelConfig) -> dict[str, Any]:
+    """What decides a labelled row: the teacher's weights (sha256; a hub id stands for itself), the
+    files that define its prompt (format in answerfirst.json, tokenizer, chat template), and the
+    settings that change teacher_probs or the trace (the sampling ones only when sampling)."""
+    import hashlib
+
+    from answerfirst.artifact import MANIFEST_NAME, checkpoint_hash
+
+    path = Path(teacher)
+    stamp: dict[str, Any] = {"teacher": str(teacher), "teacher_sha256": None, "teacher_prompt_sha256": None}
+    if path.is_dir():
+        stamp["teacher_sha256"] = checkpoint_hash(path)
+        digest = hashlib.sha256()
+        manifest = path / MANIFEST_NAME
+        if manifest.is_file():
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            digest.update(json.dumps([data.get("format"), data.get("grade_token_ids")], sort_keys=True).encode())
+        for name in PROMPT_FILES:
+            if (path / name).is_file():
+                digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+        stamp["teacher_prompt_sha256"] = digest.hexdigest()
+    settings = ["max_new_tokens", "do_sample", "quantization", "max_doc_tokens"]
+    if config.do_sample:
+        settings += ["temperature", "top_p", "seed"]
+    stamp["settings"] = {name: getattr(config, name) for name in settings}
+    return stamp
+
+
+def stamp_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'what (then vs now)' for each thing that differs between two stamps; the teacher's path alone
+    does not count (a moved teacher is the same teacher), its id does when it has no hash."""
+    keys = ["teacher_sha256", "teacher_prompt_sha256"]
+    if current["teacher_sha256"] is None or stored.get("teacher_sha256") is None:
+        keys.insert(0, "teacher")
+    differences = [
+        f"{key} ({_short(stored.get(key))} vs {_short(current[key])})" for key in keys if stored.get(key) != current[key]
+    ]
+    then, now = stored.get("settings", {}), current["settings"]
+    for name in sorted(then.keys() | now.keys()):
+        if then.get(name) != now.get(name):
+            differences.append(f"{name} ({then.get(name)!r} vs {now.get(name)!r})")
+    return differences
+
+
+def _short(value: Any) -> str:
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+def check_stamps(out: Path, stamp: dict[str, Any]) -> None:
+    """Refuse to continue from rows that another teacher or other settings wrote (one line: what
+    differs and what to do), and from rows whose origin is not recorded at all."""
+    parts = parts_dir(out)
+    has_parts = parts.is_dir() and any(parts.glob("part-*.jsonl"))
+    for where, stamp_file, holds_rows in (
+        (parts, parts / STAMP_NAME, has_parts),
+        (out, merged_stamp_path(out), out.is_file()),
+    ):
+        if not stamp_file.is_file():
+            if holds_rows:
+                raise ValueError(
+                    f"{where} holds labelled rows but no {stamp_file.name} saying which teacher and settings wrote "
+                    f"them (an older answerfirst, or another tool); delete {where} to label from scratch"
+                )
+            continue
+        try:
+            stored = json.loads(stamp_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{stamp_file} is unreadable; delete {where} and {stamp_file} to label from scratch") from None
+        differences = stamp_differences(stored, stamp)
+        if differences:
+            raise ValueError(
+                f"{where} was labelled with another {', '.join(differences)} (then vs now); rerun with the same "
+                f"teacher and settings, or delete {where} (and {merged_stamp_path(out).name}) to label from scratch"
+            )
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_rows_match_pairs(done: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]], where: Path) -> None:
+    """A labelled id whose query or document is not the pair's any more was labelled for other text."""
+    for row in rows:
+        labelled = done.get(row["id"])
+        if labelled is not None and (labelled.get("query"), labelled.get("doc")) != (row["query"], row["doc"]):
+            raise ValueError(
+                f"id {row['id']!r} was labelled (in {where} or its parts) for another query/document than the pairs "
+                f"file now gives it; delete {where} and its parts to label from scratch, or restore the pairs"
+            )
 
 
 def repair_jsonl(path: Path) -> int:
@@ -295,10 +409,14 @@ def label(
     out = Path(out)
     rows, bad = read_pairs(pairs, config.skip_bad)
     parts = parts_dir(out)
+    stamp = labelling_stamp(teacher, config)
+    check_stamps(out, stamp)  # every rank: a foreign stamp stops them all before anything is written
 
-    # 1. rank 0 repairs the part files; 2. everyone reads the same done set; 3. only then writes.
+    # 1. rank 0 stamps and repairs the part files; 2. everyone reads the same done set; 3. only then writes.
     if state.is_main_process:
         parts.mkdir(parents=True, exist_ok=True)
+        if not (parts / STAMP_NAME).is_file():
+            _write_json_atomically(parts / STAMP_NAME, stamp)
         for part in sorted(parts.glob("part-*.jsonl")):
             cut = repair_jsonl(part)
             if cut:
@@ -309,6 +427,7 @@ def label(
         done.update(read_done(part))
     state.wait_for_everyone()
 
+    check_rows_match_pairs(done, rows, out)
     wanted = {r["id"] for r in rows}
     resumed = len(wanted & done.keys())
     pending = [r for r in rows if r["id"] not in done]
@@ -344,15 +463,19 @@ def label(
         extra = len(merged.keys() - wanted)
         if extra:
             logger.warning("%d labelled rows in %s are not in %s; they are dropped from the merged output", extra, out, pairs)
+        check_rows_match_pairs(merged, rows, out)
         tmp = out.with_name(out.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(merged[r["id"]], ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        # The stamp goes first: a kill between the two leaves OUT (old or new) beside a matching stamp.
+        _write_json_atomically(merged_stamp_path(out), stamp)
         os.replace(tmp, out)  # the merged file appears whole or not at all
         for part in parts.glob("part-*.jsonl"):
             part.unlink()
+        (parts / STAMP_NAME).unlink(missing_ok=True)
         parts.rmdir()
     state.wait_for_everyone()
     return LabelResult(out, len(rows), len(pending), resumed, bad, time.perf_counter() - started)
