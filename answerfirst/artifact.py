@@ -173,12 +173,20 @@ def finalize_files(manifest: Manifest, directory: str | Path, names: list[str]) 
     the export), and record its size (checked at every load) and sha256 (load(verify=True), `answerfirst
     verify`)."""
     directory = Path(directory)
+    present = give_default_mode(directory, names)
+    manifest.info[FILES_KEY] = {name: (directory / name).stat().st_size for name in present}
+    manifest.info[SHA256_KEY] = {name: file_sha256(directory / name) for name in present}
+
+
+def give_default_mode(directory: str | Path, names: list[str]) -> list[str]:
+    """chmod each of `names` that exists in `directory` to the mode of a file newly created there;
+    returns those names. (transformers 5 writes model.safetensors 0600, onnx writes .onnx.data 0600.)"""
+    directory = Path(directory)
     present = [name for name in names if (directory / name).is_file()]
     mode = default_file_mode(directory)
     for name in present:
         os.chmod(directory / name, mode)
-    manifest.info[FILES_KEY] = {name: (directory / name).stat().st_size for name in present}
-    manifest.info[SHA256_KEY] = {name: file_sha256(directory / name) for name in present}
+    return present
 
 
 def default_file_mode(directory: str | Path) -> int:

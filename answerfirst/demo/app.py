@@ -341,9 +341,11 @@ def score_documents(scorers: Scorers, config: DemoConfig, source_key: str, query
     query = check_inputs(config, query, docs)
     scorer = scorers.get(source_key)
     start = time.perf_counter()
+    from answerfirst.runtime.api import NonFiniteScoreError
+
     try:
         scores = scorer.score(query, docs)
-    except ValueError as e:  # FormatError etc.: the runtime names what is wrong with the input
+    except (ValueError, NonFiniteScoreError) as e:  # the runtime names what is wrong with the input or model
         raise DemoError(str(e)) from None
     seconds = time.perf_counter() - start
     manifest = scorer.manifest

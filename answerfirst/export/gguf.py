@@ -73,7 +73,10 @@ class Quant:
 
     thresholds: what parity against torch fp32 must meet (scores with an F32 KV cache). F32 differs
     from torch only by float summation order; F16 rounds weights to 11 bits; Q8_0 / K-quants move
-    probabilities further, so they are judged mostly on ranking (agreement, Spearman)."""
+    probabilities further. The max |dp| bounds rest on measurements (bench/parity_thresholds.py,
+    README "Export"): on a learned student (3 layers, hidden 128, 128 probe pairs) healthy F16 / Q8_0 /
+    Q4_K_M measured 1.6e-3 / 0.044 / 0.076 (Q4_K_M there falls back to Q5_0 on 128-wide rows), the
+    256-aligned random test model's real Q4_K 0.29, and every broken export of the student >= 0.92."""
 
     name: str
     file_type: int  # gguf.LlamaFileType / llama_ftype value
@@ -83,9 +86,9 @@ class Quant:
 
 QUANTS: dict[str, Quant] = {
     # fastest first: this is the order of the manifest's variants (Manifest.variant picks the first passing)
-    "q4_k_m": Quant("q4_k_m", 15, False, ParityThresholds(max_abs_dp=0.15, min_agreement=0.75, min_spearman=0.8)),
-    "q5_k_m": Quant("q5_k_m", 17, False, ParityThresholds(max_abs_dp=0.10, min_agreement=0.8, min_spearman=0.85)),
-    "q8_0": Quant("q8_0", 7, True, ParityThresholds(max_abs_dp=0.03, min_agreement=0.9, min_spearman=0.9)),
+    "q4_k_m": Quant("q4_k_m", 15, False, ParityThresholds(max_abs_dp=0.35, min_agreement=0.75, min_spearman=0.8)),
+    "q5_k_m": Quant("q5_k_m", 17, False, ParityThresholds(max_abs_dp=0.25, min_agreement=0.8, min_spearman=0.85)),
+    "q8_0": Quant("q8_0", 7, True, ParityThresholds(max_abs_dp=0.10, min_agreement=0.9, min_spearman=0.9)),
     "f16": Quant("f16", 1, True, ParityThresholds(max_abs_dp=5e-3, min_agreement=0.95, min_spearman=0.98)),
     "f32": Quant("f32", 0, True, ParityThresholds(max_abs_dp=1e-3, min_agreement=1.0, min_spearman=0.999)),
 }

@@ -71,8 +71,15 @@ VOCAB_HEAD = "vocab_head"  # node name of the full-vocabulary head (decoding onl
 # cannot hold a message over 2 GiB, and onnxruntime maps a .data file instead of parsing a second
 # in-memory copy (Qwen3-0.6B int8: 0.46 GB RSS after load vs 2.0 GB from one 1 GB .onnx file).
 EXTERNAL_DATA_THRESHOLD = 32 * 2**20
+# Parity thresholds (README "Export" lists every variant's, with what they rest on). fp32 differs from
+# torch by float summation order only. int8's max |dp| bound: a healthy int8 export of a learned
+# student (3 layers, hidden 128, held-out accuracy 0.48; 128 probe pairs) measured 0.128 per-channel
+# and 0.139 per-tensor, random-weight Qwen3-0.6B exports 0.011-0.014, while broken exports of the
+# same student (a zeroed MLP, shuffled rows, doubled scales, lost scales) all measured >= 0.92
+# (bench/parity_thresholds.py). Near a grade boundary a learned model's sharp logits turn a small
+# logit error into a large |dp|, so the bound sits at ~2x the healthy worst case.
 FP32_THRESHOLDS = ParityThresholds(max_abs_dp=1e-4, min_spearman=0.99)
-INT8_THRESHOLDS = ParityThresholds(max_abs_dp=0.05, min_agreement=0.98, min_spearman=0.99)
+INT8_THRESHOLDS = ParityThresholds(max_abs_dp=0.25, min_agreement=0.98, min_spearman=0.99)
 INT8_SCHEMES = ("auto", "per-channel", "per-tensor")
 # rope types whose inverse frequencies do not depend on the sequence length (so they can be constants)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
