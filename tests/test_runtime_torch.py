@@ -98,6 +98,44 @@ def test_concurrent_calls_from_four_threads_are_identical(tiny_scorer):
         np.testing.assert_allclose(r, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_plan_is_the_passes_score_runs(tiny_checkpoint, reuse_prefix):
+    """plan() + run_pass() + scores() is score(), to the bit: the HTTP server schedules these passes itself."""
+    scorer = answerfirst.load(tiny_checkpoint, config=ScorerConfig(batch_size=2, reuse_prefix=reuse_prefix))
+    docs = [*DOCS, "red running shoes " * 12]
+    plan = scorer.plan(QUERY, docs)
+    prompts = scorer.prompts.prompts(QUERY, docs)
+    assert sorted(row for p in plan.passes for row in p.rows) == list(range(len(docs)))
+    assert all(len(p.rows) <= 2 for p in plan.passes) and len(plan.passes) == 3
+    lengths = [len(c) for p in plan.passes for c in p.continuations]
+    assert lengths == sorted(lengths)  # sorted by length: each pass pads little
+    for forward_pass in plan.passes:
+        assert forward_pass.prefix_ids == (prompts[0].prefix_ids if reuse_prefix else None)
+        for row, continuation in zip(forward_pass.rows, forward_pass.continuations, strict=True):
+            whole = prompts[row].continuation_ids if reuse_prefix else prompts[row].input_ids
+            assert list(continuation) == whole
+    expected = scorer.score(QUERY, docs)
+    assert plan.scores([scorer.run_pass(p) for p in plan.passes]) == expected  # exact, not approximately
+    # the passes may run in any order, interleaved with other calls: each pass's logits are its own
+    scorer.score("another query", DOCS[:3])
+    logits = {p: scorer.run_pass(p) for p in reversed(plan.passes)}
+    assert plan.scores([logits[p] for p in plan.passes]) == expected
+    assert plan.total_tokens == sum(len(p.input_ids) for p in prompts)
+
+
+def test_plan_cuts_documents_to_a_per_call_limit(tiny_scorer):
+    long_doc = "red running shoes with a breathable mesh upper " * 20
+    full = tiny_scorer.plan(QUERY, [long_doc, "Red shoes."])
+    cut = tiny_scorer.plan(QUERY, [long_doc, "Red shoes."], max_doc_tokens=8)
+    assert cut.prompts[0].doc_ids == full.prompts[0].doc_ids[:8] and cut.prompts[0].truncated
+    assert cut.prompts[1] == full.prompts[1]  # a short document is untouched
+    assert tiny_scorer.plan(QUERY, [long_doc], max_doc_tokens=10**6).prompts == full.prompts[:1]  # capped
+    with pytest.raises(FormatError, match="max_doc_tokens must be a positive int"):
+        tiny_scorer.plan(QUERY, ["x"], max_doc_tokens=0)
+    empty = tiny_scorer.plan(QUERY, [])
+    assert empty.passes == () and empty.scores([]) == [] and empty.total_tokens == 0
+
+
 def test_truncated_doc_is_reported(tiny_checkpoint):
     scorer = answerfirst.load(tiny_checkpoint, config=ScorerConfig(max_doc_tokens=4))
     scores = scorer.score(QUERY, [DOCS[2], "Red"])

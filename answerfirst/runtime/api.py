@@ -10,6 +10,10 @@ load. Every adapter answers the same two calls:
         greedy next-token ids after `input_ids`, using the adapter's KV cache.
 
 so tokenization, length bucketing, the score formula and explanation streaming live here once.
+
+score() is plan() + run_pass() per forward pass + ScoringPlan.scores(): a caller that schedules the
+passes itself (the HTTP server interleaves the passes of concurrent requests) calls the same three
+steps and so gets exactly what score() returns.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from answerfirst.afrl import FormatError, PromptTokenizer, Score, check_docs, check_text, scores_from_logits
+from answerfirst.afrl import (
+    FormatError,
+    Prompt,
+    PromptTokenizer,
+    Score,
+    check_docs,
+    check_text,
+    scores_from_logits,
+)
 from answerfirst.artifact import Manifest, ManifestError, has_manifest
 
 logger = logging.getLogger(__name__)
@@ -116,6 +128,40 @@ class PrefixCache:
             self._states.clear()
 
 
+@dataclass(frozen=True)
+class ForwardPass:
+    """One backend call of a ScoringPlan: the documents `rows` (indices into the plan's prompts)
+    as `continuations` of the shared `prefix_ids` (None: the continuations are whole prompts)."""
+
+    prefix_ids: tuple[int, ...] | None
+    continuations: tuple[tuple[int, ...], ...]
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What Scorer.score(query, docs) runs: the prompts, split into forward passes of at most
+    `batch_size` documents sorted by length (so each pass pads to a near-equal length)."""
+
+    prompts: tuple[Prompt, ...]
+    passes: tuple[ForwardPass, ...]
+    values: tuple[float, ...]  # the format's grade values, for the expected grade
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt tokens of every document (rubric + query + document + template), as if each ran alone."""
+        return sum(len(p.prefix_ids) + len(p.doc_ids) + len(p.suffix_ids) for p in self.prompts)
+
+    def scores(self, pass_logits: Sequence[np.ndarray]) -> list[Score]:
+        """The Scores of the plan's documents, in their order, from each pass's (b, K) grade logits."""
+        if not self.prompts:
+            return []
+        logits = np.empty((len(self.prompts), len(self.values)), dtype=np.float64)
+        for forward_pass, batch_logits in zip(self.passes, pass_logits, strict=True):
+            logits[list(forward_pass.rows)] = batch_logits  # (b, K) scattered back to document order
+        return scores_from_logits(logits, self.values, [p.truncated for p in self.prompts])
+
+
 class Scorer:
     """Scores (query, doc) pairs with one artifact on one backend; safe to share across threads."""
 
@@ -131,24 +177,31 @@ class Scorer:
 
     def score(self, query: str, docs: Sequence[str]) -> list[Score]:
         """One query, many documents: the prefix is tokenized and run once, then every document."""
-        prompts = self.prompts.prompts(query, docs)
+        plan = self.plan(query, docs)
+        return plan.scores([self.run_pass(forward_pass) for forward_pass in plan.passes])
+
+    def plan(self, query: str, docs: Sequence[str], max_doc_tokens: int | None = None) -> ScoringPlan:
+        """Tokenize one query's documents and split them into the forward passes score() runs.
+
+        max_doc_tokens: cut documents to fewer tokens than the artifact's limit, for this call only.
+        A document's logits can depend on which documents share its pass (padding length, batch
+        size, int8 activation scales), so running exactly these passes is what makes
+        `plan.scores([run_pass(p) for p in plan.passes])` equal to score(query, docs)."""
+        prompts = tuple(self.prompts.prompts(query, docs, max_doc_tokens))
         if not prompts:
-            return []
-        prefix = prompts[0].prefix_ids
-        if self.config.reuse_prefix:
-            sequences = [p.continuation_ids for p in prompts]
-        else:
-            sequences = [p.input_ids for p in prompts]
-        logits = np.empty((len(prompts), len(self.grades)), dtype=np.float64)
-        # Sort by length so each batch pads to a near-equal length; scatter the results back.
+            return ScoringPlan((), (), tuple(self.prompts.format.values))
+        prefix = prompts[0].prefix_ids if self.config.reuse_prefix else None
+        sequences = [tuple(p.continuation_ids) if prefix is not None else tuple(p.input_ids) for p in prompts]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        for start in range(0, len(order), self.config.batch_size):
-            batch = order[start : start + self.config.batch_size]
-            batch_logits = self.backend.grade_logits(
-                prefix if self.config.reuse_prefix else None, [sequences[i] for i in batch]
-            )
-            logits[batch] = batch_logits  # (b, K)
-        return scores_from_logits(logits, self.prompts.format.values, [p.truncated for p in prompts])
+        passes = tuple(
+            ForwardPass(prefix, tuple(sequences[i] for i in rows), tuple(rows))
+            for rows in (order[start : start + self.config.batch_size] for start in range(0, len(order), self.config.batch_size))
+        )
+        return ScoringPlan(prompts, passes, tuple(self.prompts.format.values))
+
+    def run_pass(self, forward_pass: ForwardPass) -> np.ndarray:
+        """(b, K) grade logits of one pass of a plan; the same pass always gives the same logits."""
+        return self.backend.grade_logits(forward_pass.prefix_ids, forward_pass.continuations)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Score]:
         """Any (query, doc) pairs: grouped by query so each prefix is computed once, order kept."""
