@@ -168,6 +168,22 @@ def test_explain_continues_right_after_the_grade(tiny_checkpoint, tiny_scorer, m
     assert text == tiny_scorer.prompts.decode(generated).lstrip("\n")
 
 
+def test_explain_of_a_given_grade_is_the_scored_explanation_without_scoring_again(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint)
+    doc = DOCS[0]
+    grade = scorer.score(QUERY, [doc])[0].grade
+    scoring_calls = []
+    grade_logits = scorer.backend.grade_logits
+    scorer.backend.grade_logits = lambda *args: scoring_calls.append(args) or grade_logits(*args)
+    given = list(scorer.explain(QUERY, doc, 6, grade=grade))
+    assert scoring_calls == []  # the given grade is not scored again
+    assert given == list(scorer.explain(QUERY, doc, 6)) and len(scoring_calls) == 1
+    other = (grade + 1) % len(scorer.grades)
+    assert "".join(scorer.explain(QUERY, doc, 6, grade=other)) != "".join(given)
+    with pytest.raises(FormatError, match="grade must be a grade index 0..4"):
+        scorer.explain(QUERY, doc, 6, grade=5)
+
+
 def test_explain_rejects_a_bad_length(tiny_scorer):
     with pytest.raises(FormatError, match="max_new_tokens"):
         list(tiny_scorer.explain(QUERY, DOCS[1], max_new_tokens=0))

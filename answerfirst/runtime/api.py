@@ -218,14 +218,19 @@ class Scorer:
                 results[i] = s
         return results  # type: ignore[return-value]
 
-    def explain(self, query: str, doc: str, max_new_tokens: int = 128) -> Iterator[str]:
+    def explain(self, query: str, doc: str, max_new_tokens: int = 128, grade: int | None = None) -> Iterator[str]:
         """Stream the explanation after the grade the model gives this pair (its argmax grade).
 
         The grade token is fixed to the scored argmax and appended to the prompt; the text that
-        follows is generated greedily until end-of-turn or `max_new_tokens`."""
+        follows is generated greedily until end-of-turn or `max_new_tokens`.
+        grade: the grade index to explain when the caller has scored the pair already (then it is
+        not scored again), or any other grade to ask the model why it would give that one."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise FormatError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        grade = self.score(query, [doc])[0].grade
+        if grade is None:
+            grade = self.score(query, [doc])[0].grade
+        elif not isinstance(grade, int) or isinstance(grade, bool) or not 0 <= grade < len(self.grades):
+            raise FormatError(f"grade must be a grade index 0..{len(self.grades) - 1}, got {grade!r}")
         prompt = self.prompts.prompt(query, doc)
         ids = [*prompt.input_ids, self.prompts.grade_ids[grade]]
         return self.prompts.stream_explanation(self.backend.generate(ids, max_new_tokens))
