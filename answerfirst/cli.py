@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("answerfirst.bench.runner", "latency benchmark of every backend against a naive baseline"),
     "profile": ("answerfirst.bench.profile", "where an ONNX export's scoring time goes, per operator type"),
     "demo": ("answerfirst.demo.app", "open the Gradio demo page"),
+    "serve": ("answerfirst.serve.cli", "rerank HTTP service: Cohere/Jina and TEI APIs, streamed explanations, metrics"),
 }
 
 
