@@ -1,8 +1,10 @@
-"""Servers for the HTTP tests: `answerfirst serve` in a thread of the test process, or as a real
-subprocess, always on 127.0.0.1 and a free port; every wait is bounded."""
+"""For the HTTP tests: `answerfirst serve` in a thread of the test process or as a real subprocess,
+always on 127.0.0.1 and a free port, every wait bounded; a mixed request workload, and what the
+library says about it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
@@ -15,8 +17,74 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
+from pairs import DOCS
 
 WAIT_S = 60  # the longest any helper waits for a server to start or stop
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+QUERIES = ("red running shoes", "wireless headphones", "stainless steel water bottle 1l")
+MORE_DOCS = (
+    "Trail running shoes in red and black, size 42, with a grippy sole for mud and rocks.",
+    "Noise cancelling wireless headphones with a 30 hour battery and a carrying case.",
+    "A 1 litre stainless steel bottle.",
+    "Garden hose, 20 m, green.",
+    "Prix: 49,90 € — Größe 42 — couleur rouge",
+)
+POOL = (*DOCS, *MORE_DOCS)
+
+
+# -- what the library says, computed independently of the server ---------------------------------
+
+
+def relevance(score) -> float:
+    return score.expected / 4  # default grades 0..4: the expected grade scaled to [0, 1]
+
+
+def best_first(scores) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: (-scores[i].expected, i))
+
+
+def assert_same_as_library(body: dict, expected: list, top_n: int | None = None) -> None:
+    """A Cohere-shape reply equals the library's scores exactly: order, scores, distributions."""
+    order = best_first(expected)[:top_n]
+    assert [r["index"] for r in body["results"]] == order
+    for result in body["results"]:
+        score = expected[result["index"]]
+        assert result["relevance_score"] == relevance(score)
+        assert result["expected"] == score.expected
+        assert result["probs"] == list(score.probs)
+        assert result["truncated"] == score.truncated
+
+
+def mixed_requests(count: int, seed: int) -> list[tuple[str, list[str]]]:
+    """Requests of 1-9 documents over three queries; every fifth repeats an earlier one exactly."""
+    rng = np.random.default_rng(seed)
+    requests: list[tuple[str, list[str]]] = []
+    for i in range(count):
+        if i % 5 == 4:
+            requests.append(requests[int(rng.integers(len(requests)))])
+            continue
+        docs = [POOL[j] for j in rng.choice(len(POOL), size=int(rng.integers(1, 10)), replace=False)]
+        requests.append((QUERIES[int(rng.integers(len(QUERIES)))], docs))
+    return requests
+
+
+async def post_all(url: str, requests: list[tuple[str, list[str]]], concurrency: int) -> list[httpx.Response]:
+    """Send every request, `concurrency` at a time, each client in its own connection pool."""
+    responses: list[httpx.Response | None] = [None] * len(requests)
+    queue = list(enumerate(requests))
+
+    async def client_loop() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
+            while queue:
+                i, (query, docs) = queue.pop()
+                responses[i] = await client.post("/v1/rerank", json={"query": query, "documents": docs})
+
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return responses  # type: ignore[return-value]
+
+
 
 
 @contextlib.contextmanager

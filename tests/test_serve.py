@@ -7,84 +7,34 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from pairs import DOCS, PAIRS, QUERY
-from serving import WAIT_S, serve_in_thread, wait_ready
+from pairs import DOCS, QUERY
+from serving import (
+    AUTH,
+    KEY,
+    MORE_DOCS,
+    WAIT_S,
+    assert_same_as_library,
+    best_first,
+    mixed_requests,
+    post_all,
+    relevance,
+    serve_in_thread,
+    wait_ready,
+)
 
 import answerfirst
 from answerfirst.runtime.api import ForwardPass, ScorerConfig
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
-
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-QUERIES = ("red running shoes", "wireless headphones", "stainless steel water bottle 1l")
-MORE_DOCS = (
-    "Trail running shoes in red and black, size 42, with a grippy sole for mud and rocks.",
-    "Noise cancelling wireless headphones with a 30 hour battery and a carrying case.",
-    "A 1 litre stainless steel bottle.",
-    "Garden hose, 20 m, green.",
-    "Prix: 49,90 € — Größe 42 — couleur rouge",
-)
-POOL = (*DOCS, *MORE_DOCS)
-
-
-# -- what the library says, computed independently of the server --------------------------------------
-
-
-def relevance(score) -> float:
-    return score.expected / 4  # default grades 0..4: the expected grade scaled to [0, 1]
-
-
-def best_first(scores) -> list[int]:
-    return sorted(range(len(scores)), key=lambda i: (-scores[i].expected, i))
-
-
-def assert_same_as_library(body: dict, expected: list, top_n: int | None = None) -> None:
-    """A Cohere-shape reply equals the library's scores exactly: order, scores, distributions."""
-    order = best_first(expected)[:top_n]
-    assert [r["index"] for r in body["results"]] == order
-    for result in body["results"]:
-        score = expected[result["index"]]
-        assert result["relevance_score"] == relevance(score)
-        assert result["expected"] == score.expected
-        assert result["probs"] == list(score.probs)
-        assert result["truncated"] == score.truncated
-
-
-def mixed_requests(count: int, seed: int) -> list[tuple[str, list[str]]]:
-    """Requests of 1-9 documents over three queries; every fifth repeats an earlier one exactly."""
-    rng = np.random.default_rng(seed)
-    requests: list[tuple[str, list[str]]] = []
-    for i in range(count):
-        if i % 5 == 4:
-            requests.append(requests[int(rng.integers(len(requests)))])
-            continue
-        docs = [POOL[j] for j in rng.choice(len(POOL), size=int(rng.integers(1, 10)), replace=False)]
-        requests.append((QUERIES[int(rng.integers(len(QUERIES)))], docs))
-    return requests
-
-
-async def post_all(url: str, requests: list[tuple[str, list[str]]], concurrency: int) -> list[httpx.Response]:
-    """Send every request, `concurrency` at a time, each client in its own connection pool."""
-    responses: list[httpx.Response | None] = [None] * len(requests)
-    queue = list(enumerate(requests))
-
-    async def client_loop() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
-            while queue:
-                i, (query, docs) = queue.pop()
-                responses[i] = await client.post("/v1/rerank", json={"query": query, "documents": docs})
-
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    return responses  # type: ignore[return-value]
 
 
 def metric(service, name: str, **labels: str) -> float:
@@ -99,36 +49,13 @@ def metric(service, name: str, **labels: str) -> float:
     )
 
 
-# -- fixtures: the tiny model as ONNX and GGUF exports ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def onnx_export(tiny_checkpoint, tmp_path_factory) -> Path:
-    pytest.importorskip("onnxruntime")
-    from answerfirst.export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("serve-onnx") / "export"
-    export_onnx(tiny_checkpoint, out, probe_pairs=PAIRS)
-    return out
-
-
-@pytest.fixture(scope="module")
-def gguf_export(tiny_checkpoint, tmp_path_factory) -> Path:
-    pytest.importorskip("llama_cpp")
-    from answerfirst.export.gguf import export_gguf
-
-    out = tmp_path_factory.mktemp("serve-gguf") / "export"
-    export_gguf(tiny_checkpoint, out, ("q8_0",), probe_pairs=PAIRS, threads=1)
-    return out
-
-
 def load_backend(backend: str, request, batch_size: int):
     config = ScorerConfig(batch_size=batch_size)
     if backend == "torch":
         return answerfirst.load(request.getfixturevalue("tiny_checkpoint"), config=config)
     if backend == "onnx-int8":
-        return answerfirst.load(request.getfixturevalue("onnx_export"), variant="int8", threads=1, config=config)
-    return answerfirst.load(request.getfixturevalue("gguf_export"), variant="q8_0", threads=1, config=config)
+        return answerfirst.load(request.getfixturevalue("tiny_onnx_export"), variant="int8", threads=1, config=config)
+    return answerfirst.load(request.getfixturevalue("tiny_gguf_export"), variant="q8_0", threads=1, config=config)
 
 
 class Gate:
@@ -255,10 +182,10 @@ def test_requests_in_flight_together_share_prefixes_and_identical_passes(tiny_ch
     assert scorer.backend.prefix_cache.misses - computed == 2  # one prefix per query, for all five requests
 
 
-def test_why_requests_never_share_a_pass(onnx_export):
+def test_why_requests_never_share_a_pass(tiny_onnx_export):
     """ONNX int8 quantizes activations with one scale per batch: a document's logits change with the
     other documents of its pass. So the batcher runs each request's own passes, never mixed ones."""
-    scorer = answerfirst.load(onnx_export, variant="int8", threads=1)
+    scorer = answerfirst.load(tiny_onnx_export, variant="int8", threads=1)
     plan = scorer.plan(QUERY, DOCS)
     (whole,) = plan.passes
     alone = np.vstack([scorer.run_pass(ForwardPass(whole.prefix_ids, (c,), (0,))) for c in whole.continuations])
@@ -484,3 +411,47 @@ def test_serve_config_errors_name_the_field():
         with pytest.raises(ValueError, match=message):
             ServeConfig(model="m", **kwargs)
     assert "api_key" not in repr(ServeConfig(model="m", api_key="secret"))  # never printed
+
+
+def test_serve_bench_measures_every_level_and_writes_json_and_markdown(tiny_scorer, tmp_path):
+    from answerfirst.bench.serving import ServeBenchConfig, markdown, run_serve_bench, write_results
+
+    with serve_in_thread(tiny_scorer, api_key=KEY) as service:
+        config = ServeBenchConfig(url=service.url, concurrency=(1, 3), requests=6, docs=3, doc_words=(8, 20), warmup=1, api_key=KEY)
+        results = run_serve_bench(config, progress=lambda line: None)
+        scored = metric(service, "answerfirst_documents_scored_total")
+    paths = write_results(results, tmp_path)
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
+    assert [level["concurrency"] for level in results["levels"]] == [1, 3]
+    for level in results["levels"]:
+        assert level["ok"] == level["requests"] == 6 and level["errors"] == {}
+        assert level["documents_per_s"] == pytest.approx(6 * 3 / level["seconds"])
+        assert 0 < level["latency_s"]["p50"] <= level["latency_s"]["p99"] <= level["latency_s"]["max"]
+    assert scored == (1 + 6 + 6) * 3  # every request was distinct: no pass was shared
+    assert results["server"]["backend"] == "torch" and results["throughput_16_over_1"] is None
+    assert "| 3 | " in markdown(results) and paths["markdown"].read_text() == markdown(results)
+    with pytest.raises(RuntimeError, match="no answerfirst server at http://127.0.0.1:9"):
+        run_serve_bench(ServeBenchConfig(url="http://127.0.0.1:9"))
+
+
+@pytest.mark.slow
+def test_cli_a_model_that_cannot_load_is_one_clear_error_and_exit_2(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "answerfirst.cli", "serve", "--model", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "answerfirst serve: error: could not load a tokenizer" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_cli_without_the_serve_extra_names_the_install():
+    script = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from answerfirst.cli import main\n"
+        "sys.exit(main(['serve', '--model', '.']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert 'answerfirst serve needs fastapi, which is not installed: pip install "answerfirst[serve]"' in out.stderr
+    assert "Traceback" not in out.stderr

@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
+try:
+    import prometheus_client  # noqa: F401  (used by ServeMetrics)
+    import uvicorn  # noqa: F401  (used by answerfirst.serve.cli)
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:
+    raise ImportError(f'answerfirst serve needs {e.name}, which is not installed: pip install "answerfirst[serve]"') from None
 
 from answerfirst.afrl import FormatError
 from answerfirst.runtime.api import Scorer
@@ -152,11 +157,12 @@ class Service:
         start = time.perf_counter()
         try:
             scorer = self._load_scorer()
-        except BaseException as e:  # reported by the CLI, which stops the server
+        except BaseException as e:  # /health reports it; the CLI prints it and stops the server
             self.load_error = e
-            logger.error("could not load %s: %s", self.config.model, e)
             if self.on_load_failed is not None:
                 self.on_load_failed(e)
+            else:
+                logger.error("could not load %s: %s", self.config.model, e)
             return
         self.load_seconds = time.perf_counter() - start
         self.scorer = scorer
