@@ -184,6 +184,18 @@ def test_explain_of_a_given_grade_is_the_scored_explanation_without_scoring_agai
         scorer.explain(QUERY, doc, 6, grade=5)
 
 
+def test_explain_stops_when_asked_even_inside_held_back_text(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint)
+    generated = []
+    generate = scorer.backend.generate
+    scorer.backend.generate = lambda ids, n: (generated.append(t) or t for t in generate(ids, n))
+    full = "".join(scorer.explain(QUERY, DOCS[0], 40))
+    assert len(generated) == 40
+    generated.clear()
+    stopped = "".join(scorer.explain(QUERY, DOCS[0], 40, should_stop=lambda: len(generated) >= 5))
+    assert len(generated) == 5 and full.startswith(stopped)
+
+
 def test_explain_rejects_a_bad_length(tiny_scorer):
     with pytest.raises(FormatError, match="max_new_tokens"):
         list(tiny_scorer.explain(QUERY, DOCS[1], max_new_tokens=0))

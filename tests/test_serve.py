@@ -236,6 +236,7 @@ def test_bad_requests_get_one_json_error_naming_the_field(tiny_scorer):
         assert httpx.get(url + "/health", timeout=WAIT_S).status_code == 200
         assert httpx.get(url + "/metrics", timeout=WAIT_S).status_code == 200
         assert post("/v1/rerank", {"query": "q", "documents": ["a", {"text": "b"}]}).status_code == 200
+        assert post("/v1/rerank", {"query": "q", "documents": ["a"]}, headers={"X-API-Key": KEY}).status_code == 200
         assert post("/v1/rerank", {"query": "q", "documents": []}).json()["results"] == []
         assert metric(service, "answerfirst_http_requests_total", route="/v1/rerank", status="422") == 8
 
@@ -396,6 +397,30 @@ def test_explain_streams_the_grade_first_then_the_library_text(tiny_scorer):
     assert grade["grade"] == tiny_scorer.grades[score.grade] and grade["probs"] == list(score.probs)
     assert grade["relevance_score"] == relevance(score)
     assert "".join(t["text"] for _, t in texts) == "".join(tiny_scorer.explain(QUERY, DOCS[0], 12))
+
+
+def test_a_client_that_leaves_an_explanation_stops_its_generation(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint)
+    generated, resume = [], threading.Event()
+    generate = scorer.backend.generate
+
+    def held_generate(input_ids, max_new_tokens):
+        for token in generate(input_ids, max_new_tokens):
+            generated.append(token)
+            if len(generated) == 3:
+                assert resume.wait(WAIT_S)  # hold the worker until the client has gone
+            yield token
+
+    scorer.backend.generate = held_generate
+    with serve_in_thread(scorer) as service:
+        body = {"query": QUERY, "document": DOCS[0], "max_new_tokens": 400}
+        with httpx.stream("POST", service.url + "/v1/explain", json=body, timeout=WAIT_S) as response:
+            first = next(response.iter_lines())  # the grade event has arrived; then the client closes
+        assert first == "event: grade"
+        wait_until(lambda: metric(service, "answerfirst_http_requests_total", route="/v1/explain") == 1, "the stream ended")
+        resume.set()
+        wait_until(lambda: service.batcher.in_flight() == 0, "the worker dropped the explanation")
+    assert len(generated) <= 4  # the step running when the client left, and nothing after it
 
 
 def test_serve_config_errors_name_the_field():

@@ -18,6 +18,7 @@ steps and so gets exactly what score() returns.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -218,13 +219,22 @@ class Scorer:
                 results[i] = s
         return results  # type: ignore[return-value]
 
-    def explain(self, query: str, doc: str, max_new_tokens: int = 128, grade: int | None = None) -> Iterator[str]:
+    def explain(
+        self,
+        query: str,
+        doc: str,
+        max_new_tokens: int = 128,
+        grade: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
         """Stream the explanation after the grade the model gives this pair (its argmax grade).
 
         The grade token is fixed to the scored argmax and appended to the prompt; the text that
         follows is generated greedily until end-of-turn or `max_new_tokens`.
         grade: the grade index to explain when the caller has scored the pair already (then it is
-        not scored again), or any other grade to ask the model why it would give that one."""
+        not scored again), or any other grade to ask the model why it would give that one.
+        should_stop: asked after every generated token; True ends the explanation there (a server
+        stops generating for a client that left, even inside a piece of text still being held back)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise FormatError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if grade is None:
@@ -233,7 +243,10 @@ class Scorer:
             raise FormatError(f"grade must be a grade index 0..{len(self.grades) - 1}, got {grade!r}")
         prompt = self.prompts.prompt(query, doc)
         ids = [*prompt.input_ids, self.prompts.grade_ids[grade]]
-        return self.prompts.stream_explanation(self.backend.generate(ids, max_new_tokens))
+        tokens = self.backend.generate(ids, max_new_tokens)
+        if should_stop is not None:
+            tokens = itertools.takewhile(lambda _: not should_stop(), tokens)
+        return self.prompts.stream_explanation(tokens)
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)

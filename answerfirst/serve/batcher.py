@@ -235,7 +235,9 @@ class Batcher:
         query, document, max_new_tokens = request.explain
         score: Score = scores[0]
         try:
-            request.pieces = self.scorer.explain(query, document, max_new_tokens, grade=score.grade)
+            request.pieces = self.scorer.explain(
+                query, document, max_new_tokens, grade=score.grade, should_stop=lambda: request.cancelled
+            )
         except Exception as e:
             self._fail(request, e)
             return
@@ -245,10 +247,13 @@ class Batcher:
     def _explain_steps(self, request: Request) -> None:
         try:
             for _ in range(EXPLAIN_STEPS_PER_ROUND):
+                if request.cancelled:  # the client left mid-stream: generate nothing more
+                    self._finish(request, answered=False)
+                    return
                 piece = next(request.pieces, None)
                 if piece is None:
                     self._deliver(request, ("done", None))
-                    self._finish(request, answered=True)
+                    self._finish(request, answered=not request.cancelled)
                     return
                 self._deliver(request, ("text", piece))
         except Exception as e:
