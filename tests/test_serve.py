@@ -182,12 +182,13 @@ def test_requests_in_flight_together_share_prefixes_and_identical_passes(tiny_ch
     assert scorer.backend.prefix_cache.misses - computed == 2  # one prefix per query, for all five requests
 
 
-def test_why_requests_never_share_a_pass(tiny_onnx_export):
-    """ONNX int8 quantizes activations with one scale per batch: a document's logits change with the
-    other documents of its pass. So the batcher runs each request's own passes, never mixed ones."""
-    scorer = answerfirst.load(tiny_onnx_export, variant="int8", threads=1)
-    plan = scorer.plan(QUERY, DOCS)
-    (whole,) = plan.passes
+@pytest.mark.parametrize("backend", ["torch", "onnx-int8", "gguf-q8_0"])
+def test_why_requests_never_share_a_pass(backend, request):
+    """A document's logits change with the other documents of its pass (padding, batch shape; ONNX
+    int8 also quantizes activations with one scale per batch). So the batcher runs each request's
+    own passes and never mixes requests in one."""
+    scorer = load_backend(backend, request, batch_size=16)
+    (whole,) = scorer.plan(QUERY, DOCS).passes
     alone = np.vstack([scorer.run_pass(ForwardPass(whole.prefix_ids, (c,), (0,))) for c in whole.continuations])
     together = scorer.run_pass(whole)
     assert not np.array_equal(alone, together)

@@ -182,6 +182,14 @@ class Service:
         if self.scorer is not None and self.owns_scorer:
             self.scorer.close()
 
+    @property
+    def variant(self) -> str | None:
+        """The export file served: the one named, else the one load() picked (the fastest whose parity passed)."""
+        manifest = self.scorer.manifest if self.scorer is not None else None
+        if manifest is None or not manifest.variants:
+            return self.config.variant
+        return manifest.variant(self.config.variant).name
+
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer
         info: dict[str, Any] = {"id": self.config.served_name, "object": "model", "owned_by": "answerfirst"}
@@ -190,7 +198,7 @@ class Service:
             info.update(
                 backend=scorer.backend.name,
                 source=self.config.model,
-                variant=self.config.variant,
+                variant=self.variant,
                 grades=list(fmt.grades),
                 values=list(fmt.values),
                 max_doc_tokens=fmt.max_doc_tokens,

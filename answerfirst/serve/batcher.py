@@ -1,13 +1,12 @@
 """Batching across requests: one worker thread runs the forward passes of every request in flight.
 
 Exactness comes first. A document's grade logits depend on the other rows of its forward pass:
-padding length and batch size change the float kernels' blocking, and ONNX int8 quantizes the
-activations with one scale per tensor, i.e. over the whole batch. Measured on a random Qwen3
-(hidden 1024) by scoring 24 documents alone and then 4, 16 or 24 to a pass, max |d logit|: torch
-fp32 2.5e-6, ONNX fp32 0 (its kernels are row-independent), ONNX int8 0.13, GGUF F16 3.8e-3,
-Q8_0 2.9e-2, Q4_K_M 4.8e-2. So the batcher never puts documents of two requests in one pass: a
-request runs exactly the passes `Scorer.plan()` gives it (at most `batch_size` documents each),
-and its scores equal `Scorer.score()` on the same input whatever else is in flight.
+padding length and batch size change how the float kernels block their sums, and ONNX int8
+quantizes the activations with one scale per tensor, i.e. over the whole batch (tests/test_serve.py,
+test_why_requests_never_share_a_pass, shows it on torch, ONNX int8 and GGUF). So the batcher never
+puts documents of two requests in one pass: a request runs exactly the passes `Scorer.plan()` gives
+it (at most `batch_size` documents each), and its scores equal `Scorer.score()` on the same input
+whatever else is in flight.
 
 What concurrent requests share, without changing a number:
 - rounds: each round takes one unit from every request waiting (a scoring pass, or a few steps of

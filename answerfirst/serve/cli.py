@@ -93,7 +93,7 @@ def _serve(service: Any, app: Any) -> Any:
 
     def loaded(service: Any) -> None:
         scorer = service.scorer
-        variant = f" {config.variant}" if config.variant else ""
+        variant = f" {service.variant}" if service.variant else ""
         print(f"answerfirst serve: ready: {config.served_name} ({scorer.backend.name}{variant}), loaded in {service.load_seconds:.1f} s", flush=True)
 
     service.on_loaded = loaded
