@@ -63,7 +63,7 @@ class DeadlineExceeded(Exception):
 
 
 @dataclass(eq=False)
-class Request:
+class Job:
     """One request in flight: a scoring plan, or an explanation (its grade pass, then its text)."""
 
     seq: int
@@ -104,7 +104,7 @@ class Batcher:
         self.metrics = metrics
         self.admitted = 0  # requests ever accepted (the drain report and tests read these)
         self.answered = 0  # ... whose result or error the worker delivered (not dropped: cancelled)
-        self._requests: list[Request] = []
+        self._requests: list[Job] = []
         self._seq = itertools.count()
         self._pass_seconds = 0.0  # moving average, for Retry-After
         self._reverse_groups = False  # flips every round (see the module docstring)
@@ -115,7 +115,7 @@ class Batcher:
 
     # -- the event loop's side ---------------------------------------------------------------------
 
-    def submit(self, plan: ScoringPlan, timeout_s: float, explain: tuple[str, str, int] | None = None) -> Request:
+    def submit(self, plan: ScoringPlan, timeout_s: float, explain: tuple[str, str, int] | None = None) -> Job:
         """Admit a request (call from the event loop); raises QueueFull or ShuttingDown."""
         if not plan.passes:
             raise ValueError("a plan without documents has nothing to run")
@@ -125,7 +125,7 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down")
             if len(self._requests) >= self.max_queue:
                 raise QueueFull(len(self._requests), self._retry_after())
-            request = Request(next(self._seq), plan, time.monotonic() + timeout_s, loop, asyncio.Queue(), explain)
+            request = Job(next(self._seq), plan, time.monotonic() + timeout_s, loop, asyncio.Queue(), explain)
             self._requests.append(request)
             self.admitted += 1
             self._observe_queue()
@@ -171,7 +171,7 @@ class Batcher:
             except Exception:  # a bug here must not kill the worker and hang every request
                 logger.exception("batcher round failed")
 
-    def _live(self) -> list[Request]:
+    def _live(self) -> list[Job]:
         """The requests to serve this round; drops the cancelled and fails the expired."""
         now = time.monotonic()
         with self._cond:
@@ -225,7 +225,7 @@ class Batcher:
             self.metrics.documents.inc(len(forward_pass.rows))
         return logits
 
-    def _scored(self, request: Request) -> None:
+    def _scored(self, request: Job) -> None:
         scores = request.plan.scores(request.logits)
         if request.explain is None:
             self._deliver(request, ("scores", scores))
@@ -243,7 +243,7 @@ class Batcher:
         request.deadline = math.inf  # the deadline is for the grade; the text streams as it comes
         self._deliver(request, ("grade", score))
 
-    def _explain_steps(self, request: Request) -> None:
+    def _explain_steps(self, request: Job) -> None:
         try:
             for _ in range(EXPLAIN_STEPS_PER_ROUND):
                 if request.cancelled:  # the client left mid-stream: generate nothing more
@@ -258,7 +258,7 @@ class Batcher:
         except Exception as e:
             self._fail(request, e)
 
-    def _dropped(self, request: Request) -> bool:
+    def _dropped(self, request: Job) -> bool:
         """Checked before each unit: the handler may have given up since the round began."""
         if request.finished:
             return True
@@ -270,22 +270,22 @@ class Batcher:
             return True
         return False
 
-    def _fail_call(self, requests: list[Request], call: tuple, error: Exception) -> None:
+    def _fail_call(self, requests: list[Job], call: tuple, error: Exception) -> None:
         for request in requests:
             if not request.finished and request.next_pass is not None and _call_of(request.next_pass) == call:
                 self._fail(request, error)
 
-    def _fail(self, request: Request, error: Exception) -> None:
+    def _fail(self, request: Job, error: Exception) -> None:
         self._deliver(request, ("error", error))
         self._finish(request, answered=True)
 
-    def _deliver(self, request: Request, event: tuple[str, Any]) -> None:
+    def _deliver(self, request: Job, event: tuple[str, Any]) -> None:
         try:
             request.loop.call_soon_threadsafe(request.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is left to read it
             request.cancelled = True
 
-    def _finish(self, request: Request, answered: bool) -> None:
+    def _finish(self, request: Job, answered: bool) -> None:
         """answered: its last event was delivered (scores, the end of its text, or an error)."""
         if request.finished:
             return
