@@ -104,7 +104,7 @@ class Batcher:
         self.metrics = metrics
         self.admitted = 0  # requests ever accepted (the drain report and tests read these)
         self.answered = 0  # ... whose result or error the worker delivered (not dropped: cancelled)
-        self._requests: list[Job] = []
+        self._jobs: list[Job] = []
         self._seq = itertools.count()
         self._pass_seconds = 0.0  # moving average, for Retry-After
         self._reverse_groups = False  # flips every round (see the module docstring)
@@ -123,18 +123,18 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._requests) >= self.max_queue:
-                raise QueueFull(len(self._requests), self._retry_after())
-            request = Job(next(self._seq), plan, time.monotonic() + timeout_s, loop, asyncio.Queue(), explain)
-            self._requests.append(request)
+            if len(self._jobs) >= self.max_queue:
+                raise QueueFull(len(self._jobs), self._retry_after())
+            job = Job(next(self._seq), plan, time.monotonic() + timeout_s, loop, asyncio.Queue(), explain)
+            self._jobs.append(job)
             self.admitted += 1
             self._observe_queue()
             self._cond.notify()
-        return request
+        return job
 
     def in_flight(self) -> int:
         with self._cond:
-            return len(self._requests)
+            return len(self._jobs)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, let the worker finish the admitted ones, stop it."""
@@ -147,22 +147,22 @@ class Batcher:
 
     def _retry_after(self) -> int:
         """Seconds until the queue has drained, from the passes waiting and the mean pass time."""
-        waiting = sum(len(r.plan.passes) - len(r.logits) + (r.explain is not None) for r in self._requests)
+        waiting = sum(len(j.plan.passes) - len(j.logits) + (j.explain is not None) for j in self._jobs)
         return int(min(60, max(1, math.ceil(waiting * self._pass_seconds))))
 
     def _observe_queue(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._requests))
+            self.metrics.queue_depth.set(len(self._jobs))
 
     # -- the worker --------------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                idle = not self._requests
-                while not self._requests and not self._closing:
+                idle = not self._jobs
+                while not self._jobs and not self._closing:
                     self._cond.wait()
-                if not self._requests:
+                if not self._jobs:
                     return  # closing, nothing left
             if idle and self.window_s > 0:
                 time.sleep(self.window_s)  # collect the requests arriving with this one
@@ -175,29 +175,29 @@ class Batcher:
         """The requests to serve this round; drops the cancelled and fails the expired."""
         now = time.monotonic()
         with self._cond:
-            requests = list(self._requests)
-        for request in requests:
-            if request.cancelled:
-                self._finish(request, answered=False)
-            elif now > request.deadline:
-                self._fail(request, DeadlineExceeded("deadline passed"))
-        return [r for r in requests if not r.finished]
+            jobs = list(self._jobs)
+        for job in jobs:
+            if job.cancelled:
+                self._finish(job, answered=False)
+            elif now > job.deadline:
+                self._fail(job, DeadlineExceeded("deadline passed"))
+        return [j for j in jobs if not j.finished]
 
     def _round(self) -> None:
-        requests = self._live()
-        scoring = [r for r in requests if r.next_pass is not None]
+        jobs = self._live()
+        scoring = [j for j in jobs if j.next_pass is not None]
         # Same query, same prefix: run those passes back to back (first come, first grouped).
         group_of: dict[tuple[int, ...] | None, int] = {}
-        for request in scoring:
-            group_of.setdefault(request.next_pass.prefix_ids, len(group_of))
+        for job in scoring:
+            group_of.setdefault(job.next_pass.prefix_ids, len(group_of))
         direction = -1 if self._reverse_groups else 1
         self._reverse_groups = not self._reverse_groups
-        scoring.sort(key=lambda r: (direction * group_of[r.next_pass.prefix_ids], r.seq))
+        scoring.sort(key=lambda j: (direction * group_of[j.next_pass.prefix_ids], j.seq))
         done: dict[tuple, np.ndarray] = {}  # backend call -> its logits, for identical passes
-        for request in scoring:
-            if self._dropped(request):
+        for job in scoring:
+            if self._dropped(job):
                 continue
-            forward_pass = request.next_pass
+            forward_pass = job.next_pass
             call = _call_of(forward_pass)
             logits = done.get(call)
             if logits is None:
@@ -208,12 +208,12 @@ class Batcher:
                     continue
             elif self.metrics is not None:
                 self.metrics.shared_passes.inc()
-            request.logits.append(logits)
-            if request.next_pass is None:
-                self._scored(request)
-        for request in requests:
-            if request.pieces is not None and not self._dropped(request):
-                self._explain_steps(request)
+            job.logits.append(logits)
+            if job.next_pass is None:
+                self._scored(job)
+        for job in jobs:
+            if job.pieces is not None and not self._dropped(job):
+                self._explain_steps(job)
 
     def _run(self, forward_pass: ForwardPass) -> np.ndarray:
         start = time.perf_counter()
@@ -225,74 +225,74 @@ class Batcher:
             self.metrics.documents.inc(len(forward_pass.rows))
         return logits
 
-    def _scored(self, request: Job) -> None:
-        scores = request.plan.scores(request.logits)
-        if request.explain is None:
-            self._deliver(request, ("scores", scores))
-            self._finish(request, answered=True)
+    def _scored(self, job: Job) -> None:
+        scores = job.plan.scores(job.logits)
+        if job.explain is None:
+            self._deliver(job, ("scores", scores))
+            self._finish(job, answered=True)
             return
-        query, document, max_new_tokens = request.explain
+        query, document, max_new_tokens = job.explain
         score: Score = scores[0]
         try:
-            request.pieces = self.scorer.explain(
-                query, document, max_new_tokens, grade=score.grade, should_stop=lambda: request.cancelled
+            job.pieces = self.scorer.explain(
+                query, document, max_new_tokens, grade=score.grade, should_stop=lambda: job.cancelled
             )
         except Exception as e:
-            self._fail(request, e)
+            self._fail(job, e)
             return
-        request.deadline = math.inf  # the deadline is for the grade; the text streams as it comes
-        self._deliver(request, ("grade", score))
+        job.deadline = math.inf  # the deadline is for the grade; the text streams as it comes
+        self._deliver(job, ("grade", score))
 
-    def _explain_steps(self, request: Job) -> None:
+    def _explain_steps(self, job: Job) -> None:
         try:
             for _ in range(EXPLAIN_STEPS_PER_ROUND):
-                if request.cancelled:  # the client left mid-stream: generate nothing more
-                    self._finish(request, answered=False)
+                if job.cancelled:  # the client left mid-stream: generate nothing more
+                    self._finish(job, answered=False)
                     return
-                piece = next(request.pieces, None)
+                piece = next(job.pieces, None)
                 if piece is None:
-                    self._deliver(request, ("done", None))
-                    self._finish(request, answered=not request.cancelled)
+                    self._deliver(job, ("done", None))
+                    self._finish(job, answered=not job.cancelled)
                     return
-                self._deliver(request, ("text", piece))
+                self._deliver(job, ("text", piece))
         except Exception as e:
-            self._fail(request, e)
+            self._fail(job, e)
 
-    def _dropped(self, request: Job) -> bool:
+    def _dropped(self, job: Job) -> bool:
         """Checked before each unit: the handler may have given up since the round began."""
-        if request.finished:
+        if job.finished:
             return True
-        if request.cancelled:
-            self._finish(request, answered=False)
+        if job.cancelled:
+            self._finish(job, answered=False)
             return True
-        if time.monotonic() > request.deadline:
-            self._fail(request, DeadlineExceeded("deadline passed"))
+        if time.monotonic() > job.deadline:
+            self._fail(job, DeadlineExceeded("deadline passed"))
             return True
         return False
 
-    def _fail_call(self, requests: list[Job], call: tuple, error: Exception) -> None:
-        for request in requests:
-            if not request.finished and request.next_pass is not None and _call_of(request.next_pass) == call:
-                self._fail(request, error)
+    def _fail_call(self, jobs: list[Job], call: tuple, error: Exception) -> None:
+        for job in jobs:
+            if not job.finished and job.next_pass is not None and _call_of(job.next_pass) == call:
+                self._fail(job, error)
 
-    def _fail(self, request: Job, error: Exception) -> None:
-        self._deliver(request, ("error", error))
-        self._finish(request, answered=True)
+    def _fail(self, job: Job, error: Exception) -> None:
+        self._deliver(job, ("error", error))
+        self._finish(job, answered=True)
 
-    def _deliver(self, request: Job, event: tuple[str, Any]) -> None:
+    def _deliver(self, job: Job, event: tuple[str, Any]) -> None:
         try:
-            request.loop.call_soon_threadsafe(request.events.put_nowait, event)
+            job.loop.call_soon_threadsafe(job.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is left to read it
-            request.cancelled = True
+            job.cancelled = True
 
-    def _finish(self, request: Job, answered: bool) -> None:
+    def _finish(self, job: Job, answered: bool) -> None:
         """answered: its last event was delivered (scores, the end of its text, or an error)."""
-        if request.finished:
+        if job.finished:
             return
-        request.finished = True
-        request.pieces = None
+        job.finished = True
+        job.pieces = None
         with self._cond:
-            self._requests.remove(request)
+            self._jobs.remove(job)
             self.answered += answered
             self._observe_queue()
 
