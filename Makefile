@@ -22,14 +22,17 @@ TEACHER ?=
 STUDENT ?=
 DATA    ?=
 MODEL   ?= $(STUDENT_OUT)
+# `make serve`: the rerank HTTP service on the ONNX export (int8 where its parity passed).
+SERVE_MODEL ?= $(ONNX_OUT)
+SERVE_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv test distill export export-onnx export-gguf demo bench bench-quick lint clean
+.PHONY: help venv test distill export export-onnx export-gguf demo serve bench bench-quick lint clean
 
 help:
 	@echo "make distill export   # the main job: sample data -> teacher -> student -> ONNX + GGUF"
 	@echo "make test             # the test suite (what CI runs)"
-	@echo "make demo | bench | lint | clean"
+	@echo "make demo | serve | bench | lint | clean"
 
 venv: $(STAMP)
 
@@ -60,6 +63,9 @@ export-gguf: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m answerfirst.cli demo --model $(MODEL)
+
+serve: $(STAMP)
+	$(PY) -m answerfirst.cli serve --model $(SERVE_MODEL) $(SERVE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m answerfirst.cli bench

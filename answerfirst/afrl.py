@@ -282,22 +282,32 @@ class PromptTokenizer:
             )
         return self._head + self.encode_text(self.format.rubric) + self._after_rubric + query_ids + self._doc_open
 
-    def doc_ids(self, doc: str) -> tuple[tuple[int, ...], bool]:
-        """(ids, truncated): the only segment that is ever cut, to `max_doc_tokens`."""
+    def doc_ids(self, doc: str, max_doc_tokens: int | None = None) -> tuple[tuple[int, ...], bool]:
+        """(ids, truncated): the only segment that is ever cut, to `max_doc_tokens`.
+
+        max_doc_tokens: a tighter limit for this call (a larger one than the format's is capped to it)."""
         ids = self.encode_text(check_text(doc, "doc"))
         limit = self.format.max_doc_tokens
+        if max_doc_tokens is not None:
+            if not isinstance(max_doc_tokens, int) or isinstance(max_doc_tokens, bool) or max_doc_tokens < 1:
+                raise FormatError(f"max_doc_tokens must be a positive int, got {max_doc_tokens!r}")
+            limit = min(limit, max_doc_tokens)
         return (ids[:limit], True) if len(ids) > limit else (ids, False)
 
-    def prompt(self, query: str, doc: str, prefix_ids: tuple[int, ...] | None = None) -> Prompt:
-        doc_ids, truncated = self.doc_ids(doc)
+    def prompt(
+        self, query: str, doc: str, prefix_ids: tuple[int, ...] | None = None, max_doc_tokens: int | None = None
+    ) -> Prompt:
+        doc_ids, truncated = self.doc_ids(doc, max_doc_tokens)
         prefix = self.prefix_ids(query) if prefix_ids is None else prefix_ids
         return Prompt(prefix, doc_ids, self.suffix_ids, truncated)
 
-    def prompts(self, query: str, docs: Sequence[str], max_query_tokens: int | None = None) -> list[Prompt]:
+    def prompts(
+        self, query: str, docs: Sequence[str], max_query_tokens: int | None = None, max_doc_tokens: int | None = None
+    ) -> list[Prompt]:
         """All prompts of one query; the prefix is tokenized once and shared."""
         docs = check_docs(docs)
         prefix = self.prefix_ids(query, max_query_tokens)
-        return [self.prompt(query, doc, prefix) for doc in docs]
+        return [self.prompt(query, doc, prefix, max_doc_tokens) for doc in docs]
 
     # -- training sequences ----------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("answerfirst.bench.runner", "latency benchmark of every backend against a naive baseline"),
     "profile": ("answerfirst.bench.profile", "where an ONNX export's scoring time goes, per operator type"),
     "demo": ("answerfirst.demo.app", "open the Gradio demo page"),
+    "serve": ("answerfirst.serve.cli", "rerank HTTP service: Cohere/Jina and TEI APIs, streamed explanations, metrics"),
+    "serve-bench": ("answerfirst.bench.serving", "throughput and p50/p99 latency of a running server vs concurrency"),
 }
 
 

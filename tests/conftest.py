@@ -47,3 +47,29 @@ def tiny_scorer(tiny_checkpoint):
     import answerfirst
 
     return answerfirst.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to ONNX (fp32 + int8); read-only."""
+    pytest.importorskip("onnxruntime")
+    from pairs import PAIRS
+
+    from answerfirst.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "export"
+    export_onnx(tiny_checkpoint, out, probe_pairs=PAIRS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to GGUF Q8_0; read-only."""
+    pytest.importorskip("llama_cpp")
+    from pairs import PAIRS
+
+    from answerfirst.export.gguf import export_gguf
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "export"
+    export_gguf(tiny_checkpoint, out, ("q8_0",), probe_pairs=PAIRS, threads=1)
+    return out

@@ -98,6 +98,44 @@ def test_concurrent_calls_from_four_threads_are_identical(tiny_scorer):
         np.testing.assert_allclose(r, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_plan_is_the_passes_score_runs(tiny_checkpoint, reuse_prefix):
+    """plan() + run_pass() + scores() is score(), to the bit: the HTTP server schedules these passes itself."""
+    scorer = answerfirst.load(tiny_checkpoint, config=ScorerConfig(batch_size=2, reuse_prefix=reuse_prefix))
+    docs = [*DOCS, "red running shoes " * 12]
+    plan = scorer.plan(QUERY, docs)
+    prompts = scorer.prompts.prompts(QUERY, docs)
+    assert sorted(row for p in plan.passes for row in p.rows) == list(range(len(docs)))
+    assert all(len(p.rows) <= 2 for p in plan.passes) and len(plan.passes) == 3
+    lengths = [len(c) for p in plan.passes for c in p.continuations]
+    assert lengths == sorted(lengths)  # sorted by length: each pass pads little
+    for forward_pass in plan.passes:
+        assert forward_pass.prefix_ids == (prompts[0].prefix_ids if reuse_prefix else None)
+        for row, continuation in zip(forward_pass.rows, forward_pass.continuations, strict=True):
+            whole = prompts[row].continuation_ids if reuse_prefix else prompts[row].input_ids
+            assert list(continuation) == whole
+    expected = scorer.score(QUERY, docs)
+    assert plan.scores([scorer.run_pass(p) for p in plan.passes]) == expected  # exact, not approximately
+    # the passes may run in any order, interleaved with other calls: each pass's logits are its own
+    scorer.score("another query", DOCS[:3])
+    logits = {p: scorer.run_pass(p) for p in reversed(plan.passes)}
+    assert plan.scores([logits[p] for p in plan.passes]) == expected
+    assert plan.total_tokens == sum(len(p.input_ids) for p in prompts)
+
+
+def test_plan_cuts_documents_to_a_per_call_limit(tiny_scorer):
+    long_doc = "red running shoes with a breathable mesh upper " * 20
+    full = tiny_scorer.plan(QUERY, [long_doc, "Red shoes."])
+    cut = tiny_scorer.plan(QUERY, [long_doc, "Red shoes."], max_doc_tokens=8)
+    assert cut.prompts[0].doc_ids == full.prompts[0].doc_ids[:8] and cut.prompts[0].truncated
+    assert cut.prompts[1] == full.prompts[1]  # a short document is untouched
+    assert tiny_scorer.plan(QUERY, [long_doc], max_doc_tokens=10**6).prompts == full.prompts[:1]  # capped
+    with pytest.raises(FormatError, match="max_doc_tokens must be a positive int"):
+        tiny_scorer.plan(QUERY, ["x"], max_doc_tokens=0)
+    empty = tiny_scorer.plan(QUERY, [])
+    assert empty.passes == () and empty.scores([]) == [] and empty.total_tokens == 0
+
+
 def test_truncated_doc_is_reported(tiny_checkpoint):
     scorer = answerfirst.load(tiny_checkpoint, config=ScorerConfig(max_doc_tokens=4))
     scores = scorer.score(QUERY, [DOCS[2], "Red"])
@@ -128,6 +166,34 @@ def test_explain_continues_right_after_the_grade(tiny_checkpoint, tiny_scorer, m
     generated = [t for t in out[0, len(ids) :].tolist() if t not in stop]
     assert 0 < len(generated) <= max_new_tokens
     assert text == tiny_scorer.prompts.decode(generated).lstrip("\n")
+
+
+def test_explain_of_a_given_grade_is_the_scored_explanation_without_scoring_again(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint)
+    doc = DOCS[0]
+    grade = scorer.score(QUERY, [doc])[0].grade
+    scoring_calls = []
+    grade_logits = scorer.backend.grade_logits
+    scorer.backend.grade_logits = lambda *args: scoring_calls.append(args) or grade_logits(*args)
+    given = list(scorer.explain(QUERY, doc, 6, grade=grade))
+    assert scoring_calls == []  # the given grade is not scored again
+    assert given == list(scorer.explain(QUERY, doc, 6)) and len(scoring_calls) == 1
+    other = (grade + 1) % len(scorer.grades)
+    assert "".join(scorer.explain(QUERY, doc, 6, grade=other)) != "".join(given)
+    with pytest.raises(FormatError, match="grade must be a grade index 0..4"):
+        scorer.explain(QUERY, doc, 6, grade=5)
+
+
+def test_explain_stops_when_asked_even_inside_held_back_text(tiny_checkpoint):
+    scorer = answerfirst.load(tiny_checkpoint)
+    generated = []
+    generate = scorer.backend.generate
+    scorer.backend.generate = lambda ids, n: (generated.append(t) or t for t in generate(ids, n))
+    full = "".join(scorer.explain(QUERY, DOCS[0], 40))
+    assert len(generated) == 40
+    generated.clear()
+    stopped = "".join(scorer.explain(QUERY, DOCS[0], 40, should_stop=lambda: len(generated) >= 5))
+    assert len(generated) == 5 and full.startswith(stopped)
 
 
 def test_explain_rejects_a_bad_length(tiny_scorer):

@@ -2,7 +2,10 @@
 
 One llama.cpp context holds a unified KV cache shared by up to `batch_size + 1` sequences:
 
-    seq 0        the rubric+query prefix (computed once per query, kept across calls)
+    seq 0        the rubric+query prefix (computed once per query, kept across calls; always
+                 computed whole, from position 0: a prefix evaluated in other chunks, e.g. after
+                 the rubric cells of another query, gives KV that differs in the last bits, and
+                 scores would then depend on what was scored before)
     seq 1..B     one document each: llama_memory_seq_cp(0 -> i) makes the prefix's KV cells part
                  of sequence i (no copy, no recomputation), then every document's doc+suffix tokens
                  go through llama_decode in one batch, each at positions P, P+1, ... of its own seq.
@@ -264,6 +267,7 @@ class LlamaCppBackend:
         self.grade_ids = np.asarray(grade_ids, dtype=np.int64)
         self._lock = threading.Lock()
         self._seq0: list[int] = []  # the token ids whose KV seq 0 holds, from position 0
+        self._scored_prefix: tuple[int, ...] | None = None  # a prefix whose scoring run made seq0's first cells
         self.evaluated_tokens = 0  # tokens run through llama_decode (shows that prefixes are reused)
         self._model = self._ctx = self._batch = self._sampler = None
 
@@ -357,6 +361,8 @@ class LlamaCppBackend:
             common += 1
         if need_logits:
             common = min(common, len(ids) - 1)
+        if self._scored_prefix is not None and common < len(self._scored_prefix):
+            self._scored_prefix = None  # its cells are about to be replaced
         if common < len(self._seq0):
             self._llama.llama_memory_seq_rm(self._memory, 0, common, -1)
             self._seq0 = self._seq0[:common]
@@ -376,6 +382,7 @@ class LlamaCppBackend:
     def _reset(self) -> None:
         self._llama.llama_memory_clear(self._memory, True)
         self._seq0 = []
+        self._scored_prefix = None
 
     # -- the adapter contract ------------------------------------------------------------------------
 
@@ -391,8 +398,12 @@ class LlamaCppBackend:
                 self._reset()  # whole prompts: free every cell for them
                 start = 0
             else:
-                self._sync_seq0(list(prefix_ids), need_logits=False)
-                start = len(prefix_ids)
+                prefix = tuple(prefix_ids)
+                if self._scored_prefix != prefix:
+                    self._reset()  # the prefix runs whole, so its KV never depends on earlier calls
+                self._sync_seq0(list(prefix), need_logits=False)  # drops any explanation after it
+                self._scored_prefix = prefix
+                start = len(prefix)
             for group in self._groups(continuations, start):
                 seqs = range(1, len(group) + 1)
                 try:

@@ -12,10 +12,15 @@ load. Every adapter answers the same two calls:
 and states what it runs and how long a prompt may be (`artifact`, `max_positions`, `context_note`),
 so tokenization, length bucketing, the input limits, the score formula (with its refusal of
 non-finite logits) and explanation streaming live here once, for every backend.
+
+score() is plan() + run_pass() per forward pass + ScoringPlan.scores(): a caller that schedules the
+passes itself (the HTTP server interleaves the passes of concurrent requests) calls the same three
+steps and so gets exactly what score() returns.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -153,6 +158,40 @@ class PrefixCache:
             self._states.clear()
 
 
+@dataclass(frozen=True)
+class ForwardPass:
+    """One backend call of a ScoringPlan: the documents `rows` (indices into the plan's prompts)
+    as `continuations` of the shared `prefix_ids` (None: the continuations are whole prompts)."""
+
+    prefix_ids: tuple[int, ...] | None
+    continuations: tuple[tuple[int, ...], ...]
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What Scorer.score(query, docs) runs: the prompts, split into forward passes of at most
+    `batch_size` documents sorted by length (so each pass pads to a near-equal length)."""
+
+    prompts: tuple[Prompt, ...]
+    passes: tuple[ForwardPass, ...]
+    values: tuple[float, ...]  # the format's grade values, for the expected grade
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt tokens of every document (rubric + query + document + template), as if each ran alone."""
+        return sum(len(p.prefix_ids) + len(p.doc_ids) + len(p.suffix_ids) for p in self.prompts)
+
+    def scores(self, pass_logits: Sequence[np.ndarray]) -> list[Score]:
+        """The Scores of the plan's documents, in their order, from each pass's (b, K) grade logits."""
+        if not self.prompts:
+            return []
+        logits = np.empty((len(self.prompts), len(self.values)), dtype=np.float64)
+        for forward_pass, batch_logits in zip(self.passes, pass_logits, strict=True):
+            logits[list(forward_pass.rows)] = batch_logits  # (b, K) scattered back to document order
+        return scores_from_logits(logits, self.values, [p.truncated for p in self.prompts])
+
+
 class Scorer:
     """Scores (query, doc) pairs with one artifact on one backend; safe to share across threads."""
 
@@ -171,26 +210,36 @@ class Scorer:
 
         Refused before any forward pass: a query over `config.max_query_tokens`, a prompt longer than
         the backend's context. Refused after it: non-finite logits (never returned as a Score)."""
-        prompts = self.prompts.prompts(query, docs, max_query_tokens=self.config.max_query_tokens)
+        plan = self.plan(query, docs)
+        return plan.scores([self.run_pass(forward_pass) for forward_pass in plan.passes])
+
+    def plan(self, query: str, docs: Sequence[str], max_doc_tokens: int | None = None) -> ScoringPlan:
+        """Tokenize one query's documents, check them against the limits, and split them into the
+        forward passes score() runs.
+
+        max_doc_tokens: cut documents to fewer tokens than the artifact's limit, for this call only.
+        A document's logits can depend on which documents share its pass (padding length, batch
+        size, int8 activation scales), so running exactly these passes is what makes
+        `plan.scores([run_pass(p) for p in plan.passes])` equal to score(query, docs)."""
+        prompts = tuple(self.prompts.prompts(query, docs, self.config.max_query_tokens, max_doc_tokens))
         if not prompts:
-            return []
+            return ScoringPlan((), (), tuple(self.prompts.format.values))
         check_context(prompts, self.backend)
-        prefix = prompts[0].prefix_ids
-        if self.config.reuse_prefix:
-            sequences = [p.continuation_ids for p in prompts]
-        else:
-            sequences = [p.input_ids for p in prompts]
-        logits = np.empty((len(prompts), len(self.grades)), dtype=np.float64)
-        # Sort by length so each batch pads to a near-equal length; scatter the results back.
+        prefix = prompts[0].prefix_ids if self.config.reuse_prefix else None
+        sequences = [tuple(p.continuation_ids) if prefix is not None else tuple(p.input_ids) for p in prompts]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        for start in range(0, len(order), self.config.batch_size):
-            batch = order[start : start + self.config.batch_size]
-            batch_logits = self.backend.grade_logits(
-                prefix if self.config.reuse_prefix else None, [sequences[i] for i in batch]
-            )
-            logits[batch] = batch_logits  # (b, K)
+        passes = tuple(
+            ForwardPass(prefix, tuple(sequences[i] for i in rows), tuple(rows))
+            for rows in (order[start : start + self.config.batch_size] for start in range(0, len(order), self.config.batch_size))
+        )
+        return ScoringPlan(prompts, passes, tuple(self.prompts.format.values))
+
+    def run_pass(self, forward_pass: ForwardPass) -> np.ndarray:
+        """(b, K) grade logits of one pass of a plan; the same pass always gives the same logits.
+        Non-finite logits raise NonFiniteScoreError naming the artifact."""
+        logits = self.backend.grade_logits(forward_pass.prefix_ids, forward_pass.continuations)
         check_finite(logits, self.backend.artifact)
-        return scores_from_logits(logits, self.prompts.format.values, [p.truncated for p in prompts])
+        return logits
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Score]:
         """Any (query, doc) pairs: grouped by query so each prefix is computed once, order kept."""
@@ -207,14 +256,28 @@ class Scorer:
                 results[i] = s
         return results  # type: ignore[return-value]
 
-    def explain(self, query: str, doc: str, max_new_tokens: int = 128) -> Iterator[str]:
+    def explain(
+        self,
+        query: str,
+        doc: str,
+        max_new_tokens: int = 128,
+        grade: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
         """Stream the explanation after the grade the model gives this pair (its argmax grade).
 
         The grade token is fixed to the scored argmax and appended to the prompt; the text that
-        follows is generated greedily until end-of-turn or `max_new_tokens`."""
+        follows is generated greedily until end-of-turn or `max_new_tokens`.
+        grade: the grade index to explain when the caller has scored the pair already (then it is
+        not scored again), or any other grade to ask the model why it would give that one.
+        should_stop: asked after every generated token; True ends the explanation there (a server
+        stops generating for a client that left, even inside a piece of text still being held back)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise FormatError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        grade = self.score(query, [doc])[0].grade
+        if grade is None:
+            grade = self.score(query, [doc])[0].grade
+        elif not isinstance(grade, int) or isinstance(grade, bool) or not 0 <= grade < len(self.grades):
+            raise FormatError(f"grade must be a grade index 0..{len(self.grades) - 1}, got {grade!r}")
         prompt = self.prompts.prompt(query, doc)
         ids = [*prompt.input_ids, self.prompts.grade_ids[grade]]
         room = self.backend.max_positions - len(ids)
@@ -224,7 +287,10 @@ class Scorer:
                 self.backend.artifact, max(room, 0), self.backend.context_note,
             )
             max_new_tokens = max(room, 0)
-        return self.prompts.stream_explanation(self.backend.generate(ids, max_new_tokens))
+        tokens = self.backend.generate(ids, max_new_tokens)
+        if should_stop is not None:
+            tokens = itertools.takewhile(lambda _: not should_stop(), tokens)
+        return self.prompts.stream_explanation(tokens)
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
