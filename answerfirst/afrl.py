@@ -255,6 +255,14 @@ class PromptTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    @property
+    def pad_id(self) -> int:
+        """The id right-padded batches are filled with: the tokenizer's pad token, else the last
+        suffix id. Any id works: pads sit after every real token of their row, and causal attention
+        never lets a real token read what comes after it."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.suffix_ids[-1]
+
     def _grade_ids(self) -> tuple[int, ...]:
         ids = []
         for grade in self.format.grades:

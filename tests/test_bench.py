@@ -67,10 +67,10 @@ def test_config_errors_name_the_field():
 def test_workload_token_counts(tiny_checkpoint):
     from transformers import AutoTokenizer
 
+    from answerfirst.artifact import bind_format
     from answerfirst.bench.workload import workload_w
-    from answerfirst.runtime.api import ScorerConfig, bind_format
 
-    prompts = bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, ScorerConfig(), "tiny")
+    prompts = bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, "tiny")
     workload = workload_w(prompts, docs=6, doc_tokens=(20, 40), seed=3)
     assert len(workload.docs) == 6
     for doc, count in zip(workload.docs, workload.doc_tokens, strict=True):

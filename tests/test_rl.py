@@ -28,9 +28,9 @@ def one_thread():
 def prompts(tiny_checkpoint):
     from transformers import AutoTokenizer
 
-    from answerfirst.runtime.api import ScorerConfig, bind_format
+    from answerfirst.artifact import bind_format
 
-    return bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, ScorerConfig(), where="tiny")
+    return bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, where="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -175,23 +175,17 @@ def missing_model_message(path: str) -> str:
 
 
 def _sources_of(path: str) -> list[Source]:
-    from answerfirst.artifact import Manifest, ManifestError, has_manifest
+    """One source per loadable file at `path`: the runtime's own artifact-kind detector decides."""
+    from answerfirst.artifact import ManifestError, artifact_kind
+    from answerfirst.runtime.api import BACKEND_OF_KIND
 
     location = Path(path)
-    if location.is_file():
-        if location.suffix == ".gguf":
-            return [Source(_label(location, "gguf", path), path, "gguf")]
-        return [Source(f"{path} (not loadable)", path, "", problem=f"`{path}` is a file but not a .gguf model")]
-    if not has_manifest(location):
-        # A plain HF checkpoint (or a bare GGUF dir): the runtime derives the format itself.
-        backend = "gguf" if any(location.glob("*.gguf")) else "torch"
-        return [Source(_label(location, backend, path), path, backend)]
     try:
-        manifest = Manifest.read(location)
+        kind, manifest = artifact_kind(location)
     except ManifestError as e:
-        return [Source(f"{path} (unreadable manifest)", path, "", problem=f"`{path}`: {e}")]
-    backend = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}[manifest.kind]
-    if manifest.kind == "checkpoint" or not manifest.variants:
+        return [Source(f"{path} (not loadable)", path, "", problem=f"`{path}`: {e}")]
+    backend = BACKEND_OF_KIND[kind]
+    if manifest is None or manifest.kind == "checkpoint" or not manifest.variants:
         return [Source(_label(location, backend, path), path, backend)]
     sources = []
     for v in manifest.variants:  # fastest first, as the exporter lists them

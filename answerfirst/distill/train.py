@@ -39,7 +39,7 @@ from answerfirst.afrl import (
     TrainingExample,
     grade_probs,
 )
-from answerfirst.artifact import Manifest, checkpoint_hash, has_manifest
+from answerfirst.artifact import Manifest, bind_format, checkpoint_hash, has_manifest
 from answerfirst.distill.objectives import IGNORE_INDEX, LossWeights, distill_loss, first_token_kl
 from answerfirst.metrics import agreement, mean_ndcg_by_query, spearman
 
@@ -500,8 +500,6 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """(model in train mode, tokenizer, prompt tokenizer, manifest or None) from a dir or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from answerfirst.runtime.api import ScorerConfig, bind_format
-
     path = str(path)
     manifest = Manifest.read(path) if Path(path).is_dir() and has_manifest(path) else None
     try:
@@ -509,7 +507,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a student model + tokenizer from {path!r}: {e}") from None
-    prompts = bind_format(tokenizer, manifest, ScorerConfig(), where=path)
+    prompts = bind_format(tokenizer, manifest, path)
     return model.to(device).train(), tokenizer, prompts, manifest
 
 

@@ -46,16 +46,15 @@ from answerfirst.artifact import (
 )
 from answerfirst.export.parity import ParityThresholds, log_report, parity_report
 from answerfirst.export.parity import probe_pairs as student_probe_pairs
-from answerfirst.offline import QWEN_SPLIT_PATTERN
-from answerfirst.runtime.api import ScorerConfig
+from answerfirst.qwen3 import QWEN_SPLIT_PATTERN
+from answerfirst.runtime import ScorerConfig
+from answerfirst.runtime._llamacpp import FORMAT_KEY, GRADE_IDS_KEY
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "qwen3"
 GGUF_PRE_TOKENIZER = "qwen2"  # llama.cpp's name for the Qwen2/Qwen3 split regex (QWEN_SPLIT_PATTERN)
 FILE_STEM = "student"
-FORMAT_KEY = "answerfirst.format"  # JSON of AFRLFormat.to_dict()
-GRADE_IDS_KEY = "answerfirst.grade_token_ids"
 
 
 class GGUFExportError(ValueError):
@@ -582,7 +581,7 @@ def export_gguf(
     if pending:
         reference = _torch_scores(model_dir, pairs, threads)
         for v in pending:
-            v.parity = _variant_parity(out_dir, manifest, v, pairs, reference, threads)
+            v.parity = _variant_parity(out_dir, v, pairs, reference, threads)
             save(v)
     manifest.info["export"].update(
         complete=True,
@@ -597,25 +596,23 @@ def export_gguf(
 
 
 def _torch_scores(model_dir: Path, pairs: list[tuple[str, str]], threads: int | None) -> list[Any]:
-    from answerfirst.runtime.api import load
+    from answerfirst.runtime import load
 
     reference = load(model_dir, backend="torch", threads=threads)
     return reference.score_pairs(pairs)
 
 
 def _variant_parity(
-    out_dir: Path, manifest: Manifest, variant: Variant, pairs: list[tuple[str, str]], reference: list[Any], threads: int | None
+    out_dir: Path, variant: Variant, pairs: list[tuple[str, str]], reference: list[Any], threads: int | None
 ) -> dict[str, Any]:
-    """Score the probe pairs with this file (PARITY_CONFIG)."""
-    from answerfirst.runtime._llamacpp import open_gguf
-    from answerfirst.runtime.api import Scorer
+    """Score the probe pairs with this file (PARITY_CONFIG), opened as the runtime opens the export."""
+    from answerfirst.runtime import load
 
-    config = PARITY_CONFIG
-    adapter, prompts = open_gguf(out_dir, manifest, threads, variant.name, config)
+    scorer = load(out_dir, variant=variant.name, threads=threads, config=PARITY_CONFIG)
     try:
-        candidate = Scorer(adapter, prompts, config, manifest).score_pairs(pairs)
+        candidate = scorer.score_pairs(pairs)
     finally:
-        adapter.close()
+        scorer.close()
     report = parity_report(reference, candidate, QUANTS[variant.name].thresholds)
     report["kv_cache_type"] = "f32"
     log_report(f"gguf {variant.name}", report)

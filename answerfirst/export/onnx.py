@@ -45,6 +45,7 @@ from answerfirst.artifact import (
 )
 from answerfirst.export.parity import ParityThresholds, log_report, parity_report
 from answerfirst.export.parity import probe_pairs as default_probe_pairs
+from answerfirst.runtime import Scorer, ScorerConfig
 from answerfirst.runtime._onnx import (
     GRAPH_VERSION,
     META_GRADE_IDS,
@@ -58,7 +59,6 @@ from answerfirst.runtime._onnx import (
     import_onnxruntime,
     open_session,
 )
-from answerfirst.runtime.api import Scorer, ScorerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def export_onnx(
         import onnx  # noqa: F401
     except ImportError:
         raise ImportError('exporting to ONNX needs the onnx package: pip install "answerfirst[onnx]"') from None
-    from answerfirst.runtime.api import load
+    from answerfirst.runtime import load
 
     model_dir, out = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
@@ -426,7 +426,7 @@ def export_onnx(
 
     step("scoring %d probe pairs with torch (reference) and fp32 onnx", len(pairs))
     ref_scores = reference.score_pairs(pairs)
-    pad_id = reference.backend.pad_id
+    pad_id = prompts.pad_id
     fp32_report = _parity(fp32_path, pad_id, prompts, ref_scores, pairs, FP32_THRESHOLDS, threads, prepack=True)
     log_report("onnx fp32", fp32_report)
     variants = [Variant("fp32", FP32_FILE, "fp32", fp32_report)]

@@ -35,13 +35,15 @@ from typing import Any
 import numpy as np
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
-from answerfirst.artifact import Manifest, check_file_sizes
+from answerfirst.artifact import Manifest, bind_format, check_file_sizes
+from answerfirst.runtime._common import ScorerConfig
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
-from answerfirst.runtime.api import ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("qwen3",)
+# Our keys in a GGUF's metadata (export/gguf.py writes them, llama.cpp ignores them): the AFRL format
+# as JSON of AFRLFormat.to_dict(), and the grade token ids, so a lone .gguf file scores correctly.
 FORMAT_KEY = "answerfirst.format"
 GRADE_IDS_KEY = "answerfirst.grade_token_ids"
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
@@ -138,7 +140,7 @@ def tokenizer_from_metadata(metadata: dict[str, Any]) -> ArtifactTokenizer:
     types (CONTROL = special, USER_DEFINED = plain added token), and the GGUF's chat template."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from answerfirst.offline import QWEN_SPLIT_PATTERN
+    from answerfirst.qwen3 import QWEN_SPLIT_PATTERN
 
     pre = metadata.get("tokenizer.ggml.pre")
     if pre != "qwen2":
@@ -238,7 +240,7 @@ def open_gguf(
         beside = (path.parent / TOKENIZER_FILE).is_file()
         tokenizer = _tokenizer_from_dir(path.parent) if beside else tokenizer_from_metadata(metadata)
         format_manifest = _manifest_from_metadata(metadata)
-    prompts = bind_format(tokenizer, format_manifest, config, where)
+    prompts = bind_format(tokenizer, format_manifest, where, config.max_doc_tokens)
     backend = LlamaCppBackend(llama_cpp, path, prompts.grade_ids, threads, config)
     if max(prompts.grade_ids) >= backend.n_vocab:
         backend.close()
@@ -480,4 +482,7 @@ class LlamaCppBackend:
             pass
 
 
-__all__ = ["GGUFError", "LlamaCppBackend", "open_gguf", "read_gguf_metadata", "tokenizer_from_metadata"]
+__all__ = [
+    "FORMAT_KEY", "GRADE_IDS_KEY", "GGUFError", "LlamaCppBackend", "import_llama_cpp", "open_gguf", "read_gguf_metadata",
+    "route_llama_logs", "tokenizer_from_metadata",
+]

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from answerfirst.artifact import Manifest, ManifestError, Variant, check_file_sizes
+from answerfirst.artifact import Manifest, ManifestError, Variant, bind_format, check_file_sizes
+from answerfirst.runtime._common import PrefixCache, ScorerConfig
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
-from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,12 @@ def open_session(path: Path, threads: int | None, prepack: bool = True, profile_
 
 
 class OnnxBackend:
-    """Adapter for answerfirst.runtime.api.Scorer over one ONNX Runtime session."""
+    """The Backend protocol over one ONNX Runtime session of an answerfirst scoring graph.
+
+    The exporter (parity of a graph not yet in a manifest) and bench/profile.py (a profiling
+    session) build one from `open_session(...)` and the prompt tokenizer's pad id; `session` is
+    public for what they read from it (the profiler's output).
+    """
 
     name = "onnx"
 
@@ -232,13 +237,14 @@ def open_onnx(
         tokenizer = ArtifactTokenizer.from_dir(location)
     except ValueError as e:
         raise ManifestError(f"{location}: the export's tokenizer files are missing or unreadable ({e}); re-export") from None
-    prompts = bind_format(tokenizer, manifest, config, where=str(location))
+    prompts = bind_format(tokenizer, manifest, str(location), config.max_doc_tokens)
     path = location / chosen.file
-    backend = OnnxBackend(open_session(path, threads, prepacks(chosen)), pad_id=_pad_id(tokenizer, prompts), where=str(path))
+    backend = OnnxBackend(open_session(path, threads, prepacks(chosen)), pad_id=prompts.pad_id, where=str(path))
     check_graph_matches_manifest(backend, manifest, str(path))
     return backend, prompts
 
 
-def _pad_id(tokenizer: Any, prompts: Any) -> int:
-    # Any id works: right-padded pads sit after every real token and causal attention never reads them.
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
+__all__ = [
+    "GRAPH_VERSION", "META_GRADE_IDS", "META_GRAPH_VERSION", "META_HEAD_DIM", "META_KV_HEADS", "META_LAYERS",
+    "META_SOURCE_SHA", "META_VOCAB", "OnnxBackend", "import_onnxruntime", "open_onnx", "open_session", "prepacks",
+]

@@ -15,13 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from answerfirst.artifact import Manifest, ManifestError
-from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
+from answerfirst.artifact import Manifest, ManifestError, bind_format
+from answerfirst.runtime._common import PrefixCache, ScorerConfig
 
 logger = logging.getLogger(__name__)
 
 
 class TorchBackend:
+    """The Backend protocol over a transformers causal LM.
+
+    Public beyond the protocol, for the kit's own torch tools (distill/label.py generates teacher
+    traces with it, export/onnx.py traces its modules): `model`, the transformers model in eval
+    mode, and `device`, the torch device it runs on.
+    """
+
     name = "torch"
 
     def __init__(self, model: Any, grade_ids: Sequence[int], pad_id: int, device: torch.device):
@@ -104,7 +111,7 @@ def open_torch(
             f"could not load a tokenizer from {path!r} (not a checkpoint directory, and no hub is reachable "
             f"to resolve it as a model id): {e}"
         ) from None
-    prompts = bind_format(tokenizer, manifest, config, where=path)
+    prompts = bind_format(tokenizer, manifest, path, config.max_doc_tokens)
 
     kwargs: dict[str, Any] = {}
     if quantization is not None:
@@ -122,8 +129,7 @@ def open_torch(
     model.eval()
     if model.config.vocab_size <= max(prompts.grade_ids):
         raise ManifestError(f"{path}: grade token ids {list(prompts.grade_ids)} exceed the model's vocabulary")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
-    return TorchBackend(model, prompts.grade_ids, pad_id, torch.device(device)), prompts
+    return TorchBackend(model, prompts.grade_ids, prompts.pad_id, torch.device(device)), prompts
 
 
 def _bitsandbytes_config(quantization: str) -> Any:
@@ -138,3 +144,6 @@ def _bitsandbytes_config(quantization: str) -> Any:
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+__all__ = ["TorchBackend", "open_torch"]
