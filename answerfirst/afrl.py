@@ -18,6 +18,7 @@ explanation) never is, so a document that happens to contain "<|im_end|>" stays 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,6 +48,9 @@ DOC_LABEL = "\n\nDocument:\n"
 # Markers of the prompt template stored in manifests; each appears exactly once, in this order.
 RUBRIC_MARK, QUERY_MARK, DOC_MARK = "{rubric}", "{query}", "{doc}"
 _SENTINEL = "\u2063AFRL-{}\u2063"  # invisible separator: never produced by a chat template itself
+
+
+_GRADE_NAME_LINE = re.compile(r"\s*(\S+?)\s*=\s*([^:\n]*)")  # rubric line "GRADE = NAME: ..."
 
 
 class FormatError(ValueError):
@@ -155,6 +159,17 @@ class AFRLFormat:
 
     def with_overrides(self, **changes: Any) -> AFRLFormat:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def grade_names(self) -> dict[int, str]:
+        """The name the rubric gives each grade: a line "4 = exact match: the document is ..." names
+        grade index 4 "exact match" (the text after "=", up to a ":" or the end of the line). Grades
+        the rubric names no such way are absent; the first line naming a grade wins."""
+        names: dict[int, str] = {}
+        for line in self.rubric.splitlines():
+            match = _GRADE_NAME_LINE.match(line)
+            if match and match.group(1) in self.grades and match.group(2).strip():
+                names.setdefault(self.grades.index(match.group(1)), match.group(2).strip())
+        return names
 
 
 def _split_template(template: str) -> tuple[str, str, str, str]:

@@ -175,3 +175,11 @@ def test_scores_from_logits_by_hand():
     assert scores[1].probs == pytest.approx(tuple(e / e.sum()))
     assert scores[1].grade == 0 and scores[1].truncated
     assert grade_probs(np.array([[1000.0, 0.0]]))[0, 0] == 1.0  # stable for large logits
+
+
+def test_grade_names_come_from_the_rubric_lines(prompts):
+    assert prompts.format.grade_names() == {4: "exact match", 3: "relevant", 2: "partial", 1: "marginal", 0: "irrelevant"}
+    rubric = "Grade it.\n2 = good: close\n1 = so-so\n 0=bad\n2 = other name: ignored, the first line wins\nx = not a grade"
+    fmt = prompts.format.with_overrides(grades=("0", "1", "2"), values=(0.0, 1.0, 2.0), rubric=rubric)
+    assert fmt.grade_names() == {2: "good", 1: "so-so", 0: "bad"}  # a ":" ends the name but is optional
+    assert prompts.format.with_overrides(rubric="No names here: 4 exact, 0 irrelevant.").grade_names() == {}

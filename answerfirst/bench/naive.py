@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from answerfirst.afrl import Score, scores_from_logits
 from answerfirst.artifact import Manifest, bind_format, has_manifest
+from answerfirst.extras import requires
+
+with requires("bench", "the naive reference"):
+    import torch
 
 
 class NaiveReranker:

@@ -4,10 +4,10 @@
     make demo
 
 The page talks to the runtime API only (`answerfirst.load`, `Scorer.score`, `Scorer.explain`,
-`Scorer.grades`, `Scorer.manifest`); prompts, scores and backends all live there. It lists every
-artifact it finds locally (the --model path, artifacts/student, artifacts/onnx, artifacts/gguf and
-each variant of an export), loads one only when it is first picked, and says plainly when one cannot
-be loaded. It runs fully offline: analytics off, the theme's fonts are the ones bundled with gradio,
+`Scorer.grades`, `Scorer.prompts.format`, `Scorer.manifest`); prompts, scores and backends all live
+there. It lists every artifact it finds locally (the --model path, artifacts/student, artifacts/onnx,
+artifacts/gguf and each variant of an export), loads one only when it is first picked, and says
+plainly when one cannot be loaded. It runs fully offline: analytics off, the theme's fonts are the ones bundled with gradio,
 no share link, no server-side rendering. Requests go through gradio's queue, which runs at most
 `concurrency_limit` model calls at once.
 
@@ -21,7 +21,6 @@ import argparse
 import html
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,35 +38,6 @@ DEFAULT_ARTIFACTS = "artifacts"
 ARTIFACT_DIRS = ("student", "onnx", "gguf")
 API_SCORE, API_EXPLAIN = "score", "explain"
 
-# Used only when the sample data module (answerfirst.distill.sample) is not installed.
-FALLBACK_EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (
-        "red running shoes",
-        (
-            "Lightweight red running shoes with a breathable mesh upper.",
-            "Blue trail running shoes, waterproof, size 42.",
-            "Red leather handbag with a gold chain strap.",
-            "Over-ear wireless headphones, 30 hour battery.",
-        ),
-    ),
-    (
-        "stainless steel water bottle 1l",
-        (
-            "Insulated stainless steel bottle, 1 litre, keeps drinks cold for 24 hours.",
-            "Insulated stainless steel bottle, 750 ml, keeps drinks cold.",
-            "Plastic kids' water bottle with a straw, 350 ml.",
-            "Garden hose, 25 m, with a spray nozzle.",
-        ),
-    ),
-    (
-        "usb-c laptop charger 65w",
-        (
-            "65 W USB-C GaN charger, works with laptops and phones.",
-            "30 W USB-C phone charger.",
-            "Laptop sleeve, 14 inch, water resistant.",
-        ),
-    ),
-)
 EXAMPLE_QUERIES = 6  # how many queries of the sample data become examples
 EXAMPLE_DOCS = 6  # documents per example query
 
@@ -236,13 +206,6 @@ class Scorers:
         backend = source.backend if source.backend in ("torch", "onnx", "gguf") else "auto"
         try:
             scorer = answerfirst.load(source.path, backend=backend, threads=self.threads, variant=source.variant)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("answerfirst."):
-                raise DemoError(
-                    f"The {source.backend} backend is not part of this answerfirst install ({e.name} is missing); "
-                    "Pick another model."
-                ) from None
-            raise DemoError(f"Could not load {source.key}: {e}. Pick another model.") from None
         except Exception as e:  # noqa: BLE001 - any load failure becomes a message on the page
             logger.warning("could not load %s: %s", source.key, e)
             raise DemoError(f"Could not load {source.key}: {e}. Pick another model.") from None
@@ -340,15 +303,15 @@ def score_documents(scorers: Scorers, config: DemoConfig, source_key: str, query
     except ValueError as e:  # FormatError etc.: the runtime names what is wrong with the input
         raise DemoError(str(e)) from None
     seconds = time.perf_counter() - start
-    manifest = scorer.manifest
+    fmt = scorer.prompts.format  # the format it scores with (the manifest's, with any max_doc_tokens override)
     return ScoredDocs(
         query=query,
         docs=docs,
         scores=scores,
         grades=tuple(scorer.grades),
-        values=tuple(manifest.format.values) if manifest else tuple(float(g) for g in range(len(scorer.grades))),
+        values=tuple(fmt.values),
         grade_names=grade_names(scorer),
-        max_doc_tokens=manifest.format.max_doc_tokens if manifest else None,
+        max_doc_tokens=fmt.max_doc_tokens,
         seconds=seconds,
         backend=getattr(scorer.backend, "name", "?"),
         source=source_key,
@@ -436,29 +399,14 @@ def doc_choices(docs_text: str | None) -> list[tuple[str, str]]:
 
 def grade_names(scorer: Any) -> dict[str, str]:
     """Grade -> short name from the artifact's rubric lines "4 = exact match: ..." (empty if none)."""
-    manifest = scorer.manifest
-    if manifest is None:
-        from answerfirst.afrl import DEFAULT_GRADES, DEFAULT_RUBRIC
-
-        rubric = DEFAULT_RUBRIC if tuple(scorer.grades) == DEFAULT_GRADES else ""
-    else:
-        rubric = manifest.format.rubric
-    names = {}
-    for grade in scorer.grades:
-        match = re.search(rf"^\s*{re.escape(grade)}\s*=\s*([^:\n]+)", rubric, flags=re.MULTILINE)
-        if match:
-            names[grade] = match.group(1).strip()
-    return names
+    return {scorer.grades[k]: name for k, name in scorer.prompts.format.grade_names().items()}
 
 
 def load_examples() -> list[list[str]]:
     """[query, documents (one per line)] examples from the sample data (answerfirst.distill.sample),
-    grouped by query; the built-in FALLBACK_EXAMPLES only when that module is not installed."""
-    try:
-        from answerfirst.distill.sample import sample_pairs
-    except ImportError:
-        logger.info("answerfirst.distill.sample is not available; using built-in examples")
-        return [[query, "\n".join(docs)] for query, docs in FALLBACK_EXAMPLES]
+    grouped by query."""
+    from answerfirst.distill.sample import sample_pairs
+
     pairs = list(sample_pairs())
     # Held-out queries first: the student never trained on them, so the demo shows honest scores.
     pairs.sort(key=lambda pair: (pair.get("split") if isinstance(pair, dict) else None) != "heldout")
@@ -468,8 +416,7 @@ def load_examples() -> list[list[str]]:
         docs = by_query.setdefault(query, [])
         if len(docs) < EXAMPLE_DOCS and doc not in docs and "\n" not in doc.strip():
             docs.append(doc.strip())
-    examples = [[q, "\n".join(d)] for q, d in by_query.items() if len(d) >= 2][:EXAMPLE_QUERIES]
-    return examples or [[query, "\n".join(docs)] for query, docs in FALLBACK_EXAMPLES]
+    return [[q, "\n".join(d)] for q, d in by_query.items() if len(d) >= 2][:EXAMPLE_QUERIES]
 
 
 def _field(pair: Any, name: str) -> str:
@@ -723,10 +670,10 @@ def launch(demo: Any, config: DemoConfig, *, block: bool = True) -> Any:
 
 
 def _gradio() -> Any:
-    try:
+    from answerfirst.extras import requires
+
+    with requires("demo", "the demo"):
         import gradio as gr
-    except ImportError:
-        raise ImportError('the demo needs gradio: pip install "answerfirst[demo]"') from None
     return gr
 
 
@@ -748,6 +695,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _gradio()  # a missing [demo] extra fails before any model loads
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup self-checks, one line each
     config = DemoConfig(
         model=args.model, artifacts=args.artifacts, host=args.host, port=args.port,

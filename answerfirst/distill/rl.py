@@ -51,11 +51,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import checkpoint_hash
 from answerfirst.distill.objectives import IGNORE_INDEX, gold_grade_ce, trace_ce
+from answerfirst.extras import requires
+
+with requires("train", "answerfirst.distill"):
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -220,16 +223,11 @@ def content_terms(text: str) -> set[str]:
 
 
 def grade_phrases(fmt: AFRLFormat) -> dict[int, str]:
-    """The name the rubric gives each grade: a rubric line "4 = exact match: ..." -> {4: "exact match"}.
+    """The rubric's name of each grade (AFRLFormat.grade_names), lower-cased: {4: "exact match", ...}.
 
-    Grades the rubric does not name this way have no phrase (the consistency rule then only sees
-    explicit "grade N" mentions)."""
-    phrases = {}
-    for line in fmt.rubric.splitlines():
-        m = re.match(r"\s*(\S+)\s*=\s*([^:\n]+?)\s*:", line)
-        if m and m.group(1) in fmt.grades:
-            phrases[fmt.grades.index(m.group(1))] = m.group(2).strip().lower()
-    return phrases
+    Grades the rubric does not name have no phrase (the consistency rule then only sees explicit
+    "grade N" mentions)."""
+    return {k: name.lower() for k, name in fmt.grade_names().items()}
 
 
 def mentioned_grades(text: str, fmt: AFRLFormat, phrases: dict[int, str]) -> set[int]:
@@ -571,7 +569,7 @@ def sample_group(
     grade_logits = out.logits[0, -1, list(prompts.grade_ids)].float().cpu() / temperature  # (K,)
     grades = torch.multinomial(torch.softmax(grade_logits, -1), group_size, replacement=True, generator=generator)
     cache = DynamicCache(config=model.config)
-    for layer_idx, layer in enumerate(out.past_key_values.layers):
+    for layer_idx, layer in enumerate(out.cache.layers):
         # (1, kv_heads, P, head_dim) -> (G, kv_heads, P, head_dim)
         cache.update(layer.keys.expand(group_size, -1, -1, -1), layer.values.expand(group_size, -1, -1, -1), layer_idx)
     step_ids = torch.tensor([[prompts.grade_ids[g]] for g in grades.tolist()], dtype=torch.long, device=device)  # (G, 1)
@@ -580,8 +578,8 @@ def sample_group(
     finished = torch.zeros(group_size, dtype=torch.bool)
     for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
         positions = torch.full((group_size, 1), position, dtype=torch.long, device=device)
-        out = model(input_ids=step_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=step_ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = out.cache
         probs = torch.softmax(out.logits[:, -1].float().cpu() / temperature, dim=-1)  # (G, V)
         next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (G,)
         generated.append(next_ids)

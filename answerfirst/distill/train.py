@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from answerfirst.afrl import (
     DEFAULT_MAX_TRACE_TOKENS,
@@ -41,7 +40,11 @@ from answerfirst.afrl import (
 )
 from answerfirst.artifact import Manifest, bind_format, checkpoint_hash, has_manifest
 from answerfirst.distill.objectives import IGNORE_INDEX, LossWeights, distill_loss, first_token_kl
+from answerfirst.extras import requires
 from answerfirst.metrics import agreement, mean_ndcg_by_query, spearman
+
+with requires("train", "answerfirst.distill"):
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -46,6 +46,7 @@ from answerfirst.artifact import (
 )
 from answerfirst.export.parity import ParityThresholds, log_report, parity_report
 from answerfirst.export.parity import probe_pairs as student_probe_pairs
+from answerfirst.extras import missing_extra
 from answerfirst.qwen3 import QWEN_SPLIT_PATTERN
 from answerfirst.runtime import ScorerConfig
 from answerfirst.runtime._llamacpp import FORMAT_KEY, GRADE_IDS_KEY
@@ -646,8 +647,8 @@ class _progress_bar:
 def _import_gguf() -> Any:
     try:
         import gguf
-    except ImportError:
-        raise ImportError('the GGUF export needs the gguf package: pip install "answerfirst[gguf]"') from None
+    except ImportError as e:
+        raise missing_extra("the GGUF export", "train", e) from None
     return gguf
 
 

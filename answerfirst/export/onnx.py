@@ -45,6 +45,7 @@ from answerfirst.artifact import (
 )
 from answerfirst.export.parity import ParityThresholds, log_report, parity_report
 from answerfirst.export.parity import probe_pairs as default_probe_pairs
+from answerfirst.extras import missing_extra
 from answerfirst.runtime import Scorer, ScorerConfig
 from answerfirst.runtime._onnx import (
     GRAPH_VERSION,
@@ -381,8 +382,8 @@ def export_onnx(
     import_onnxruntime()
     try:
         import onnx  # noqa: F401
-    except ImportError:
-        raise ImportError('exporting to ONNX needs the onnx package: pip install "answerfirst[onnx]"') from None
+    except ImportError as e:
+        raise missing_extra("exporting to ONNX", "train", e) from None
     from answerfirst.runtime import load
 
     model_dir, out = Path(model_dir), Path(out_dir)

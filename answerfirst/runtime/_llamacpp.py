@@ -36,6 +36,7 @@ import numpy as np
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import Manifest, bind_format, check_file_sizes
+from answerfirst.extras import missing_extra
 from answerfirst.runtime._common import ScorerConfig
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
 
@@ -61,10 +62,10 @@ class GGUFError(ValueError):
 def import_llama_cpp() -> Any:
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as e:
+        error = missing_extra("the GGUF backend", "gguf", e)
         raise ImportError(
-            'the GGUF backend needs llama-cpp-python: pip install "answerfirst[gguf]" '
-            '(it builds llama.cpp from source; CMAKE_ARGS="-DGGML_NATIVE=OFF" gives a portable build)'
+            f'{error} (it builds llama.cpp from source; CMAKE_ARGS="-DGGML_NATIVE=OFF" gives a portable build)'
         ) from None
     return llama_cpp
 
@@ -110,8 +111,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     metadata as {key: python value}. Raises GGUFError naming the problem and the fix."""
     try:
         import gguf
-    except ImportError:
-        raise ImportError('reading GGUF files needs the gguf package: pip install "answerfirst[gguf]"') from None
+    except ImportError as e:
+        raise missing_extra("reading a .gguf file without answerfirst.json", "gguf", e) from None
     size = path.stat().st_size
     try:
         reader = gguf.GGUFReader(path)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from answerfirst.artifact import Manifest, ManifestError, Variant, bind_format, check_file_sizes
+from answerfirst.extras import missing_extra
 from answerfirst.runtime._common import PrefixCache, ScorerConfig
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
 
@@ -39,14 +40,12 @@ META_VOCAB = "answerfirst.vocab_size"
 META_SOURCE_SHA = "answerfirst.source_sha256"
 GRAPH_VERSION = "1"
 
-_ONNX_INSTALL = 'pip install "answerfirst[onnx]"'
-
 
 def import_onnxruntime() -> Any:
     try:
         import onnxruntime
-    except ImportError:
-        raise ImportError(f"the onnx backend needs onnxruntime, which is not installed: {_ONNX_INSTALL}") from None
+    except ImportError as e:
+        raise missing_extra("the onnx backend", "onnx", e) from None
     return onnxruntime
 
 

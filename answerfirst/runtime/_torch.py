@@ -13,10 +13,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from answerfirst.artifact import Manifest, ManifestError, bind_format
+from answerfirst.extras import missing_extra, requires
 from answerfirst.runtime._common import PrefixCache, ScorerConfig
+
+with requires("torch", "the torch backend"):
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class TorchBackend:
             past, offset = self._prefix_cache(prefix_ids, batch_size=len(continuations)), len(prefix_ids)
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device).expand_as(input_ids)
         hidden = self.model.model(
-            input_ids=input_ids, past_key_values=past, position_ids=positions, use_cache=past is not None
+            input_ids=input_ids, cache=past, position_ids=positions, use_cache=past is not None
         ).last_hidden_state  # (B, T, H)
         last = hidden[torch.arange(len(continuations), device=self.device), lengths - 1]  # (B, H)
         return (last.float() @ self.grade_head.T).cpu().numpy()  # (B, K) grade logits
@@ -74,7 +77,7 @@ class TorchBackend:
 
     def _run_prefix(self, prefix_ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
-        past = self.model.model(input_ids=ids, use_cache=True).past_key_values
+        past = self.model.model(input_ids=ids, use_cache=True).cache
         return [(layer.keys, layer.values) for layer in past.layers]
 
     @torch.inference_mode()
@@ -83,8 +86,8 @@ class TorchBackend:
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
         past = None
         for _ in range(max_new_tokens):
-            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            out = self.model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=1)
+            past = out.cache
             next_id = int(out.logits[0, -1].argmax())
             yield next_id
             ids = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
@@ -98,7 +101,8 @@ def open_torch(
     quantization: str | None,
     config: ScorerConfig,
 ) -> tuple[TorchBackend, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with requires("torch", "the torch backend"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
@@ -135,10 +139,8 @@ def open_torch(
 def _bitsandbytes_config(quantization: str) -> Any:
     try:
         import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            f'quantization={quantization!r} needs bitsandbytes: pip install "answerfirst[quant]"'
-        ) from None
+    except ImportError as e:
+        raise missing_extra(f"quantization={quantization!r}", "torch", e) from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
