@@ -223,12 +223,16 @@ class TrainingExample:
     labels:     (T,) HF convention (labels[t] is the token at t, -100 = ignored; the loss shifts):
                 the explanation and end-of-turn tokens are labelled, the prompt and the grade
                 token are not (the grade has its own terms).
+    truncated:  the document was cut to max_doc_tokens (doc_truncated) or the explanation to
+                max_trace_tokens (trace_truncated).
     """
 
     input_ids: tuple[int, ...]
     grade_pos: int
     labels: tuple[int, ...]
     truncated: bool
+    doc_truncated: bool = False
+    trace_truncated: bool = False
 
 
 class PromptTokenizer:
@@ -338,7 +342,9 @@ class PromptTokenizer:
         prompt_ids = prompt.input_ids
         input_ids = (*prompt_ids, self.grade_ids[grade], *answer_tail)
         labels = (-100,) * (len(prompt_ids) + 1) + tuple(answer_tail)
-        return TrainingExample(input_ids, len(prompt_ids) - 1, labels, prompt.truncated or trace_truncated)
+        return TrainingExample(
+            input_ids, len(prompt_ids) - 1, labels, prompt.truncated or trace_truncated, prompt.truncated, trace_truncated
+        )
 
     # -- explanations ----------------------------------------------------------------------------
 

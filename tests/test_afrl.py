@@ -79,6 +79,8 @@ def test_truncation_only_cuts_the_doc(tokenizer):
     assert p.suffix_ids == prompts.suffix_ids
     short = prompts.prompt(long_query, "short doc")
     assert not short.truncated and prompts.decode(short.doc_ids) == "short doc"
+    example = prompts.training_example(long_query, long_doc, grade=2, explanation="Partial.")
+    assert example.truncated and example.doc_truncated and not example.trace_truncated
 
 
 def test_prefix_is_shared_across_the_docs_of_a_query(prompts):
@@ -148,7 +150,7 @@ def test_training_example_layout(prompts):
 
 def test_training_example_cut_explanation_has_no_end_of_turn(prompts):
     ex = prompts.training_example("q", "d", grade=0, explanation="word " * 50, max_trace_tokens=5)
-    assert ex.truncated
+    assert ex.truncated and ex.trace_truncated and not ex.doc_truncated
     tail = ex.input_ids[ex.grade_pos + 2 :]
     assert len(tail) == 5 and prompts.answer_end_ids[0] not in tail
 
