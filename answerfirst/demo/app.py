@@ -542,11 +542,77 @@ def build_app(config: DemoConfig, scorers: Scorers | None = None) -> Any:
     and /explain (query, docs, doc, model, max_new_tokens) -> streamed (header, explanation)."""
     gr = _gradio()
     scorers = scorers or Scorers(discover_sources(config), threads=config.threads)
-    sources = list(scorers.sources.values())
+    with gr.Blocks(title="answerfirst demo", analytics_enabled=False) as demo:
+        page = _page(gr, config, list(scorers.sources.values()))
+        _connect(gr, demo, page, config, scorers)
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency_limit)
+    return demo
+
+
+def _page(gr: Any, config: DemoConfig, sources: list[Source]) -> dict[str, Any]:
+    """Lay out the page (inside the Blocks context); returns its interactive components by name."""
     keys = [s.key for s in sources]
     default = next((s.key for s in sources if not s.problem), keys[0] if keys else None)
     problem = next((s.problem for s in sources if s.key == default and s.problem), None)
-    examples = load_examples()
+    gr.Markdown(
+        "# answerfirst · relevance demo\n"
+        "Answer-First, Reason-Later: the grade is the model's **first** token, so a score is one forward "
+        "pass (a softmax over the grade tokens). The explanation is generated only when you ask.",
+        elem_classes="af-title",
+    )
+    if problem:
+        gr.Markdown(f"⚠ {problem}", elem_id="af-problem")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            query = gr.Textbox(label="Query", placeholder="e.g. red running shoes", max_lines=2, elem_id="af-query")
+            docs = gr.Textbox(
+                label="Documents (one per line)",
+                lines=7,
+                max_lines=20,
+                placeholder="Lightweight red running shoes with a breathable mesh upper.\nBlue trail shoes, size 42.",
+                elem_id="af-docs",
+            )
+        with gr.Column(scale=1, min_width=260):
+            source = gr.Dropdown(
+                choices=keys, value=default, label="Backend / artifact", elem_id="af-source", interactive=True
+            )
+            source_info = gr.Markdown("", elem_classes="af-hint", elem_id="af-source-info")
+            score_button = gr.Button("Score", variant="primary", size="lg", elem_id="af-score")
+            gr.Markdown(
+                "Ranks the documents by expected grade. Models load on first use; "
+                "the latency shown is the scoring call alone.",
+                elem_classes="af-hint",
+            )
+    gr.Examples(examples=load_examples(), inputs=[query, docs], label="Examples (sample data)", examples_per_page=6)
+    status = gr.Markdown("", label="status", elem_classes="af-status", elem_id="af-status")
+    table = gr.HTML(EMPTY_TABLE, label="ranked documents", elem_id="af-table")
+    with gr.Accordion("Scores as JSON (exactly what Scorer.score() returned)", open=False):
+        scores_json = gr.JSON(label="scores", elem_id="af-json")
+    gr.Markdown("### Explain a document")
+    with gr.Row(equal_height=False):
+        doc_pick = gr.Dropdown(  # custom values allowed: API callers pass a number without scoring first
+            choices=[], label="Document", elem_id="af-doc-pick", scale=3, interactive=True, allow_custom_value=True
+        )
+        max_new_tokens = gr.Slider(
+            8, config.max_new_tokens_limit, value=min(128, config.max_new_tokens_limit), step=8,
+            label="Max explanation length (tokens)", elem_id="af-max-tokens", scale=2,
+        )
+        explain_button = gr.Button("Explain", elem_id="af-explain", scale=1, min_width=120)
+    explain_head = gr.Markdown("", label="grade", elem_id="af-explain-head")
+    explanation = gr.Textbox(
+        label="Explanation (streamed after the fixed grade)", lines=6, max_lines=20, interactive=False,
+        elem_id="af-explanation",
+    )
+
+    return {
+        "query": query, "docs": docs, "source": source, "source_info": source_info, "score": score_button,
+        "status": status, "table": table, "json": scores_json, "doc_pick": doc_pick, "max_new_tokens": max_new_tokens,
+        "explain": explain_button, "explain_head": explain_head, "explanation": explanation,
+    }  # fmt: skip
+
+
+def _connect(gr: Any, demo: Any, page: dict[str, Any], config: DemoConfig, scorers: Scorers) -> None:
+    """Wire the page's events to the plain functions above; DemoError becomes a message on the page."""
 
     def on_score(query: str, docs_text: str, source_key: str):
         try:
@@ -572,80 +638,23 @@ def build_app(config: DemoConfig, scorers: Scorers | None = None) -> Any:
         value = doc_choice if doc_choice in {v for _, v in choices} else (choices[0][1] if choices else None)
         return gr.Dropdown(choices=choices, value=value)
 
-    with gr.Blocks(title="answerfirst demo", analytics_enabled=False) as demo:
-        gr.Markdown(
-            "# answerfirst · relevance demo\n"
-            "Answer-First, Reason-Later: the grade is the model's **first** token, so a score is one forward "
-            "pass (a softmax over the grade tokens). The explanation is generated only when you ask.",
-            elem_classes="af-title",
-        )
-        if problem:
-            gr.Markdown(f"⚠ {problem}", elem_id="af-problem")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2):
-                query = gr.Textbox(label="Query", placeholder="e.g. red running shoes", max_lines=2, elem_id="af-query")
-                docs = gr.Textbox(
-                    label="Documents (one per line)",
-                    lines=7,
-                    max_lines=20,
-                    placeholder="Lightweight red running shoes with a breathable mesh upper.\nBlue trail shoes, size 42.",
-                    elem_id="af-docs",
-                )
-            with gr.Column(scale=1, min_width=260):
-                source = gr.Dropdown(
-                    choices=keys, value=default, label="Backend / artifact", elem_id="af-source", interactive=True
-                )
-                source_info = gr.Markdown("", elem_classes="af-hint", elem_id="af-source-info")
-                score_button = gr.Button("Score", variant="primary", size="lg", elem_id="af-score")
-                gr.Markdown(
-                    "Ranks the documents by expected grade. Models load on first use; "
-                    "the latency shown is the scoring call alone.",
-                    elem_classes="af-hint",
-                )
-        gr.Examples(examples=examples, inputs=[query, docs], label="Examples (sample data)", examples_per_page=6)
-        status = gr.Markdown("", label="status", elem_classes="af-status", elem_id="af-status")
-        table = gr.HTML(EMPTY_TABLE, label="ranked documents", elem_id="af-table")
-        with gr.Accordion("Scores as JSON (exactly what Scorer.score() returned)", open=False):
-            scores_json = gr.JSON(label="scores", elem_id="af-json")
-        gr.Markdown("### Explain a document")
-        with gr.Row(equal_height=False):
-            doc_pick = gr.Dropdown(  # custom values allowed: API callers pass a number without scoring first
-                choices=[], label="Document", elem_id="af-doc-pick", scale=3, interactive=True, allow_custom_value=True
-            )
-            max_new_tokens = gr.Slider(
-                8, config.max_new_tokens_limit, value=min(128, config.max_new_tokens_limit), step=8,
-                label="Max explanation length (tokens)", elem_id="af-max-tokens", scale=2,
-            )
-            explain_button = gr.Button("Explain", elem_id="af-explain", scale=1, min_width=120)
-        explain_head = gr.Markdown("", label="grade", elem_id="af-explain-head")
-        explanation = gr.Textbox(
-            label="Explanation (streamed after the fixed grade)", lines=6, max_lines=20, interactive=False,
-            elem_id="af-explanation",
-        )
-
-        # One concurrency group for both model calls: at most `concurrency_limit` run at once.
-        score_outputs = [table, status, scores_json, doc_pick]
-        score_button.click(
-            on_score, [query, docs, source], score_outputs, api_name=API_SCORE,
-            concurrency_id="model", concurrency_limit=config.concurrency_limit,
-        )
-        query.submit(  # Enter in the query box scores too; same queue slot, no second API name
-            on_score, [query, docs, source], score_outputs, api_name=False,
-            concurrency_id="model", concurrency_limit=config.concurrency_limit,
-        )
-        explain_button.click(
-            on_explain, [query, docs, doc_pick, source, max_new_tokens], [explain_head, explanation],
-            api_name=API_EXPLAIN, concurrency_id="model", concurrency_limit=config.concurrency_limit,
-        )
-        # Picking a model loads it (once) and says what it is, or why it cannot be loaded.
-        for trigger in (source.change, demo.load):
-            trigger(
-                lambda key: describe_source(scorers, key), [source], [source_info], api_name=False,
-                concurrency_id="model", concurrency_limit=config.concurrency_limit, show_progress="minimal",
-            )
-        docs.change(on_docs_change, [docs, doc_pick], [doc_pick], queue=False, api_name=False, show_progress="hidden")
-    demo.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency_limit)
-    return demo
+    # One concurrency group for both model calls: at most `concurrency_limit` run at once.
+    model_calls = dict(concurrency_id="model", concurrency_limit=config.concurrency_limit)
+    score_inputs = [page["query"], page["docs"], page["source"]]
+    score_outputs = [page["table"], page["status"], page["json"], page["doc_pick"]]
+    page["score"].click(on_score, score_inputs, score_outputs, api_name=API_SCORE, **model_calls)
+    # Enter in the query box scores too; same queue slot, no second API name
+    page["query"].submit(on_score, score_inputs, score_outputs, api_name=False, **model_calls)
+    page["explain"].click(
+        on_explain, [page["query"], page["docs"], page["doc_pick"], page["source"], page["max_new_tokens"]],
+        [page["explain_head"], page["explanation"]], api_name=API_EXPLAIN, **model_calls,
+    )  # fmt: skip
+    # Picking a model loads it (once) and says what it is, or why it cannot be loaded.
+    for trigger in (page["source"].change, demo.load):
+        trigger(lambda key: describe_source(scorers, key), [page["source"]], [page["source_info"]], api_name=False,
+                show_progress="minimal", **model_calls)
+    page["docs"].change(on_docs_change, [page["docs"], page["doc_pick"]], [page["doc_pick"]], queue=False,
+                        api_name=False, show_progress="hidden")
 
 
 def launch(demo: Any, config: DemoConfig, *, block: bool = True) -> Any:
