@@ -112,3 +112,16 @@ def test_runtime_package_is_the_embedding_api():
     import answerfirst
 
     assert runtime.score is answerfirst.score and runtime.load is answerfirst.load
+
+
+def test_extras_are_layered():
+    """pyproject's extras as installed: the base and the edge backends pull in no torch stack."""
+    from answerfirst.bench.install_size import closure
+
+    heavy = {"torch", "transformers", "accelerate"}
+    base, onnx, gguf, torch = (closure(extras)[0] for extras in ((), ("onnx",), ("gguf",), ("torch",)))
+    assert {"numpy", "tokenizers"} <= base and not (heavy | {"onnxruntime", "llama-cpp-python"}) & base
+    assert "onnxruntime" in onnx and "llama-cpp-python" in gguf and not heavy & (onnx | gguf)
+    assert heavy | {"bitsandbytes"} <= torch and "onnxruntime" not in torch
+    installed, missing = closure(("all",))
+    assert not missing and heavy | {"onnxruntime", "llama-cpp-python", "gradio", "onnx"} <= installed
