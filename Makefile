@@ -37,9 +37,11 @@ help:
 
 venv: $(STAMP)
 
-$(LLAMA_WHEEL):
-	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(LLAMA_WHEEL): | $(PY)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-cache-dir --no-deps -w $(WHEELS) "$(LLAMA_CPP)"
 	touch $@
 
@@ -47,7 +49,7 @@ $(LLAMA_WHEEL):
 # constraint keeps every later install on both), then the package with every extra. Last, the wheels
 # of the edge installs (base, [onnx], [gguf]) are saved to $(WHEELS): tests/test_edge_install.py
 # builds fresh venvs from them with no index.
-$(STAMP): pyproject.toml $(LLAMA_WHEEL)
+$(STAMP): pyproject.toml $(LLAMA_WHEEL) | $(PY)
 	echo "$(TORCH)" > $(CONSTRAINT)
 	ls $(WHEELS)/llama_cpp_python-*.whl | sed -E 's|.*/llama_cpp_python-([^-]+)-.*|llama-cpp-python==\1|' >> $(CONSTRAINT)
 	$(PY) -m pip install -q "$(TORCH)"
