@@ -289,6 +289,22 @@ def test_resume_refuses_another_config_or_data_unless_allowed_and_recorded(tiny_
     assert json.loads((out / "training_config.json").read_text())["lr"] == 1e-3
 
 
+def test_a_checkpoint_from_before_run_identities_resumes_only_when_allowed(tmp_path):
+    from accelerate import Accelerator
+
+    from answerfirst.distill.runs import RunDir
+
+    old = tmp_path / "checkpoints" / "step-00000003"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 1, "seed": 0}))
+    run_dir = RunDir(tmp_path, Accelerator(cpu=True), "training_config.json")
+    with pytest.raises(ValueError, match=r"other settings \(settings .*not recorded.*--allow-config-change"):
+        run_dir.open(True, {"config": {"lr": 1e-3}}, "training")
+    opened = run_dir.open(True, {"config": {"lr": 1e-3}}, "training", allow_config_change=True)
+    assert opened.step == 3 and opened.checkpoint == old and set(opened.resumes[-1]["config_changes"]) == {"settings"}
+    assert not (tmp_path / "training_config.json").exists()  # open() writes nothing
+
+
 @pytest.mark.slow
 def test_training_reports_truncated_examples(tiny_checkpoint, tmp_path, caplog):
     rows = _teacher_rows()

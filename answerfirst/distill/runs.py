@@ -140,7 +140,10 @@ class RunDir:
         if not resume:
             return RunStart()
         state = json.loads((checkpoints[-1] / STATE_NAME).read_text(encoding="utf-8"))
-        changes = identity_changes(state.get("identity", {}), identity)
+        if "identity" in state:
+            changes = identity_changes(state["identity"], identity)
+        else:  # written by an answerfirst before run identities: what it ran with is unknown
+            changes = {"settings": ["not recorded by the answerfirst that wrote this checkpoint", "this run's"]}
         if changes and not allow_config_change:
             raise ValueError(
                 f"--resume: {checkpoints[-1]} was written by a run with other settings ({describe_changes(changes)}); "
