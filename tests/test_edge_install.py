@@ -106,6 +106,8 @@ def test_edge_venv_scores_an_export_without_torch(extra, answerfirst_wheel, expo
     assert done.returncode == 0, done.stderr[-3000:]
     alone = answerfirst.load(export, threads=1).score(QUERY, [DOCS[0]])[0]  # llama.cpp: same batch shape
     assert json.loads(done.stdout)["probs"] == pytest.approx(list(alone.probs), abs=1e-6)
+    done = run([cli, "--help"], cwd=tmp_path)
+    assert done.returncode == 0 and "score" in done.stdout, done.stderr
     other = "gguf" if extra == "onnx" else "onnx"
     for command, wanted in (
         (["train", "--help"], 'pip install "answerfirst[train]"'),
