@@ -3,13 +3,17 @@ PYTHON_BOOT ?= python3
 VENV        ?= .venv
 TORCH       ?= torch==2.13.0
 # llama.cpp is compiled here, for this CPU (AVX-512/VNNI where present: Q4_K_M scores 1.7x faster than
-# the portable AVX2 build on the 2-core Xeon of bench/results). --no-cache-dir: pip would otherwise
-# reuse a wheel it cached from an earlier build with other flags. A portable build for a shared
-# image: make LLAMA_CMAKE_ARGS=-DGGML_NATIVE=OFF
+# the portable AVX2 build on the 2-core Xeon of bench/results), ONCE: into a wheel kept in $(WHEELS),
+# which the main venv and the edge-install test's fresh [gguf] venv both install. --no-cache-dir:
+# pip would otherwise reuse a wheel it cached from an earlier build with other flags. A portable
+# build for a shared image: make LLAMA_CMAKE_ARGS=-DGGML_NATIVE=OFF
 LLAMA_CPP        ?= llama-cpp-python>=0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
+WHEELS      := $(VENV)/wheels
+LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python
+CONSTRAINT  := $(VENV)/torch-constraint.txt
 
 # Default outputs of the main job (`make distill export`); override on the command line.
 ARTIFACTS ?= artifacts
@@ -36,14 +40,25 @@ help:
 
 venv: $(STAMP)
 
-# torch goes in first and pinned (a constraint keeps every later install on it), then the package.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+
+$(LLAMA_WHEEL): | $(PY)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-cache-dir --no-deps -w $(WHEELS) "$(LLAMA_CPP)"
+	touch $@
+
+# torch goes in first and pinned, and llama-cpp-python at the version of the wheel built above (the
+# constraint keeps every later install on both), then the package with every extra. Last, the wheels
+# of the edge installs (base, [onnx], [gguf]) are saved to $(WHEELS): tests/test_edge_install.py
+# builds fresh venvs from them with no index.
+$(STAMP): pyproject.toml $(LLAMA_WHEEL) | $(PY)
+	echo "$(TORCH)" > $(CONSTRAINT)
+	ls $(WHEELS)/llama_cpp_python-*.whl | sed -E 's|.*/llama_cpp_python-([^-]+)-.*|llama-cpp-python==\1|' >> $(CONSTRAINT)
 	$(PY) -m pip install -q "$(TORCH)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -c $(VENV)/torch-constraint.txt "$(LLAMA_CPP)"
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[all,dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINT) --find-links $(WHEELS) -e ".[all,dev]"
+	$(PY) -m pip wheel -q -c $(CONSTRAINT) --find-links $(WHEELS) -w $(WHEELS) ".[onnx,gguf]"
+	rm -f $(WHEELS)/answerfirst-*.whl
 	touch $@
 
 test: $(STAMP)

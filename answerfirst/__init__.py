@@ -7,7 +7,7 @@
 """
 
 from answerfirst.afrl import Score
-from answerfirst.runtime.api import Scorer, ScorerConfig, load, score
+from answerfirst.runtime import Scorer, ScorerConfig, load, score
 
 __version__ = "0.1.0"
 __all__ = ["Score", "Scorer", "ScorerConfig", "load", "score", "__version__"]

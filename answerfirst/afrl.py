@@ -18,6 +18,7 @@ explanation) never is, so a document that happens to contain "<|im_end|>" stays 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,6 +48,9 @@ DOC_LABEL = "\n\nDocument:\n"
 # Markers of the prompt template stored in manifests; each appears exactly once, in this order.
 RUBRIC_MARK, QUERY_MARK, DOC_MARK = "{rubric}", "{query}", "{doc}"
 _SENTINEL = "\u2063AFRL-{}\u2063"  # invisible separator: never produced by a chat template itself
+
+
+_GRADE_NAME_LINE = re.compile(r"\s*(\S+?)\s*=\s*([^:\n]*)")  # rubric line "GRADE = NAME: ..."
 
 
 class FormatError(ValueError):
@@ -156,6 +160,17 @@ class AFRLFormat:
     def with_overrides(self, **changes: Any) -> AFRLFormat:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def grade_names(self) -> dict[int, str]:
+        """The name the rubric gives each grade: a line "4 = exact match: the document is ..." names
+        grade index 4 "exact match" (the text after "=", up to a ":" or the end of the line). Grades
+        the rubric names no such way are absent; the first line naming a grade wins."""
+        names: dict[int, str] = {}
+        for line in self.rubric.splitlines():
+            match = _GRADE_NAME_LINE.match(line)
+            if match and match.group(1) in self.grades and match.group(2).strip():
+                names.setdefault(self.grades.index(match.group(1)), match.group(2).strip())
+        return names
+
 
 def _split_template(template: str) -> tuple[str, str, str, str]:
     """'{a}{rubric}{b}{query}{c}{doc}{d}' -> (a, b, c, d)."""
@@ -208,12 +223,16 @@ class TrainingExample:
     labels:     (T,) HF convention (labels[t] is the token at t, -100 = ignored; the loss shifts):
                 the explanation and end-of-turn tokens are labelled, the prompt and the grade
                 token are not (the grade has its own terms).
+    truncated:  the document was cut to max_doc_tokens (doc_truncated) or the explanation to
+                max_trace_tokens (trace_truncated).
     """
 
     input_ids: tuple[int, ...]
     grade_pos: int
     labels: tuple[int, ...]
     truncated: bool
+    doc_truncated: bool = False
+    trace_truncated: bool = False
 
 
 class PromptTokenizer:
@@ -254,6 +273,14 @@ class PromptTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def pad_id(self) -> int:
+        """The id right-padded batches are filled with: the tokenizer's pad token, else the last
+        suffix id. Any id works: pads sit after every real token of their row, and causal attention
+        never lets a real token read what comes after it."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.suffix_ids[-1]
 
     def _grade_ids(self) -> tuple[int, ...]:
         ids = []
@@ -325,7 +352,9 @@ class PromptTokenizer:
         prompt_ids = prompt.input_ids
         input_ids = (*prompt_ids, self.grade_ids[grade], *answer_tail)
         labels = (-100,) * (len(prompt_ids) + 1) + tuple(answer_tail)
-        return TrainingExample(input_ids, len(prompt_ids) - 1, labels, prompt.truncated or trace_truncated)
+        return TrainingExample(
+            input_ids, len(prompt_ids) - 1, labels, prompt.truncated or trace_truncated, prompt.truncated, trace_truncated
+        )
 
     # -- explanations ----------------------------------------------------------------------------
 

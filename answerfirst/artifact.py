@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from answerfirst.afrl import AFRLFormat, FormatError
+from answerfirst.afrl import AFRLFormat, FormatError, PromptTokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "answerfirst.json"
@@ -346,6 +346,41 @@ def _weight_files(directory: Path) -> list[Path]:
     if not files:
         raise ManifestError(f"{directory} holds no .safetensors or .bin weight files")
     return files
+
+
+def artifact_kind(path: str | os.PathLike[str]) -> tuple[str, Manifest | None]:
+    """What `path` holds, the one way load() and the demo tell: (kind, its manifest or None).
+
+    A directory with answerfirst.json is what its manifest says; a .gguf file, or a directory of
+    .gguf files, is "gguf"; anything else that is not a file is a "checkpoint" (a directory
+    without manifest, or a hub id). Raises ManifestError for what no backend can load."""
+    location = Path(path)
+    if location.is_dir() and has_manifest(location):
+        manifest = Manifest.read(location)
+        return manifest.kind, manifest
+    if (location.is_file() and location.suffix == ".gguf") or (location.is_dir() and any(location.glob("*.gguf"))):
+        return "gguf", None
+    if location.is_dir() and any(location.glob("*.onnx")):
+        raise ManifestError(f"{location} holds .onnx files but no answerfirst.json; export it with `answerfirst export onnx`")
+    if location.exists() and not location.is_dir():
+        raise ManifestError(f"{location} is a file answerfirst cannot load (expected a directory or a .gguf file)")
+    return "checkpoint", None
+
+
+def bind_format(tokenizer: Any, manifest: Manifest | None, where: str, max_doc_tokens: int | None = None) -> PromptTokenizer:
+    """The AFRL prompt tokenizer of an artifact: its manifest's format, else the default format
+    derived from the tokenizer's chat template; the manifest's grade ids must match the tokenizer.
+    max_doc_tokens (None = the format's) overrides the document truncation length."""
+    fmt = manifest.format if manifest is not None else AFRLFormat.from_chat_template(tokenizer)
+    fmt = fmt.with_overrides(max_doc_tokens=max_doc_tokens)
+    prompts = PromptTokenizer(tokenizer, fmt)
+    if manifest is not None and prompts.grade_ids != manifest.grade_token_ids:
+        raise ManifestError(
+            f"{where}: the manifest's grade token ids {list(manifest.grade_token_ids)} do not match the "
+            f"tokenizer's {list(prompts.grade_ids)} for grades {list(fmt.grades)}; the manifest and "
+            "tokenizer come from different models"
+        )
+    return prompts
 
 
 def checkpoint_hash(directory: str | Path) -> str:

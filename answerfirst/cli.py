@@ -8,28 +8,44 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-_RUNTIME_VERBS = "answerfirst.cli"  # score and explain live below, in this module
+from answerfirst.extras import is_missing_dependency, missing_extra
 
-# verb -> (module, one-line help)
-VERBS: dict[str, tuple[str, str]] = {
-    "label": ("answerfirst.distill.label", "label query/doc pairs with a teacher (grade distribution + trace)"),
-    "train": ("answerfirst.distill.train", "distil a student from teacher labels (first-token KL + trace SFT)"),
-    "rl": ("answerfirst.distill.rl", "refine a student with mode-balanced Stepwise-GRPO and elastic trust regions"),
-    "distill-default": ("answerfirst.distill.pipeline", "the offline `make distill` run: sample data, teacher, student"),
-    "export": ("answerfirst.export.cli", "export a student to ONNX (fp32 + int8) or GGUF (F16, Q8_0, K-quants)"),
-    "score": (_RUNTIME_VERBS, "score documents for a query with any artifact"),
-    "explain": (_RUNTIME_VERBS, "stream the explanation of one (query, document) pair"),
-    "verify": (_RUNTIME_VERBS, "check an artifact's files: sizes, structure and the sha256 its manifest recorded"),
-    "bench": ("answerfirst.bench.runner", "latency benchmark of every backend against a naive baseline"),
-    "profile": ("answerfirst.bench.profile", "where an ONNX export's scoring time goes, per operator type"),
-    "demo": ("answerfirst.demo.app", "open the Gradio demo page"),
-    "serve": ("answerfirst.serve.cli", "rerank HTTP service: Cohere/Jina and TEI APIs, streamed explanations, metrics"),
-    "serve-bench": ("answerfirst.bench.serving", "throughput and p50/p99 latency of a running server vs concurrency"),
+_RUNTIME_VERBS = "answerfirst.cli"  # score, explain and verify live below, in this module
+
+
+@dataclass(frozen=True)
+class Verb:
+    """module: where add_arguments/run live. extra: the pip extra its dependencies come with (None:
+    the artifact decides, and the backend names its own extra). one_shot: a short call whose
+    output is the answer, so library progress bars and notices stay off (long jobs keep theirs)."""
+
+    module: str
+    extra: str | None
+    help: str
+    one_shot: bool = False
+
+
+VERBS: dict[str, Verb] = {
+    "label": Verb("answerfirst.distill.label", "train", "label query/doc pairs with a teacher (grade distribution + trace)"),
+    "train": Verb("answerfirst.distill.train", "train", "distil a student from teacher labels (first-token KL + trace SFT)"),
+    "rl": Verb("answerfirst.distill.rl", "train", "refine a student with mode-balanced Stepwise-GRPO and elastic trust regions"),
+    "distill-default": Verb("answerfirst.distill.pipeline", "train", "the offline `make distill` run: sample data, teacher, student"),
+    "export": Verb("answerfirst.export.cli", "train", "export a student to ONNX (fp32 + int8) or GGUF (F16, Q8_0, K-quants)"),
+    "score": Verb(_RUNTIME_VERBS, None, "score documents for a query with any artifact", one_shot=True),
+    "explain": Verb(_RUNTIME_VERBS, None, "stream the explanation of one (query, document) pair", one_shot=True),
+    "verify": Verb(_RUNTIME_VERBS, None, "check an artifact's files: sizes, structure and the sha256 its manifest recorded", one_shot=True),
+    "bench": Verb("answerfirst.bench.runner", "bench", "latency benchmark of every backend against a naive baseline"),
+    "profile": Verb("answerfirst.bench.profile", "onnx", "where an ONNX export's scoring time goes, per operator type", one_shot=True),
+    "demo": Verb("answerfirst.demo.app", "demo", "open the Gradio demo page"),
+    "serve": Verb("answerfirst.serve.cli", "serve", "rerank HTTP service: Cohere/Jina and TEI APIs, streamed explanations, metrics"),
+    "serve-bench": Verb("answerfirst.bench.serving", "bench", "throughput and p50/p99 latency of a running server vs concurrency"),
 }
 
 
@@ -39,24 +55,29 @@ def build_parser(verb: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for name, (module, help_text) in VERBS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+    for name, spec in VERBS.items():
+        sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
         if name == verb:
-            if module == _RUNTIME_VERBS:
+            if spec.module == _RUNTIME_VERBS:
                 add_arguments(sub, name)
             else:
-                importlib.import_module(module).add_arguments(sub)
+                importlib.import_module(spec.module).add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if a in VERBS), None)
-    args = build_parser(verb).parse_args(argv)
+    try:
+        parser = build_parser(verb)  # imports the verb's module: its dependencies may be missing
+    except ImportError as e:
+        return _fail(verb or "", e)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
-    module = VERBS[args.verb][0]
-    runner = run if module == _RUNTIME_VERBS else importlib.import_module(module).run
+    spec = VERBS[args.verb]
+    if spec.one_shot:
+        _quiet_libraries()
+    runner = run if spec.module == _RUNTIME_VERBS else importlib.import_module(spec.module).run
     try:
         return runner(args) or 0
     except KeyboardInterrupt:
@@ -66,19 +87,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Our errors name the problem and the fix; a traceback would only bury that.
         if args.verbose:
             raise
-        print(f"answerfirst {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.verb, e)
+
+
+def _fail(verb: str, error: Exception) -> int:
+    """One line on stderr; a missing third-party module says which extra brings it."""
+    spec = VERBS.get(verb)
+    if isinstance(error, ImportError) and is_missing_dependency(error) and spec is not None and spec.extra:
+        error = missing_extra(f"answerfirst {verb}", spec.extra, error)
+    print(f"answerfirst {verb}: error: {error}", file=sys.stderr)
+    return 2
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars say what runs; transformers' per-load weight bars only add noise."""
-    try:
-        from transformers.utils import logging as hf_logging
+    """A one-shot call prints its answer only: no transformers weight-loading bars or notices."""
+    if importlib.util.find_spec("transformers") is None:
+        return  # an ONNX / GGUF install: nothing to quiet
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 # -- score / explain / verify: the runtime's own verbs ----------------------------------------------
@@ -104,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.verb == "verify":
         return verify(args.path)
-    from answerfirst.runtime.api import load
+    from answerfirst.runtime import load
 
     scorer = load(args.model, backend=args.backend, device=args.device, threads=args.threads, variant=args.variant)
     if args.verb == "explain":

@@ -13,13 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from answerfirst.qwen3 import QWEN_SPLIT_PATTERN
 
-# Qwen2/Qwen3 pre-tokenizer split: contractions, letter runs with one leading non-letter, single
-# digits, punctuation runs with trailing newlines, newline runs, whitespace.
-QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 THINK_TOKENS = ("<think>", "</think>")

@@ -79,6 +79,8 @@ def test_truncation_only_cuts_the_doc(tokenizer):
     assert p.suffix_ids == prompts.suffix_ids
     short = prompts.prompt(long_query, "short doc")
     assert not short.truncated and prompts.decode(short.doc_ids) == "short doc"
+    example = prompts.training_example(long_query, long_doc, grade=2, explanation="Partial.")
+    assert example.truncated and example.doc_truncated and not example.trace_truncated
 
 
 def test_prefix_is_shared_across_the_docs_of_a_query(prompts):
@@ -148,7 +150,7 @@ def test_training_example_layout(prompts):
 
 def test_training_example_cut_explanation_has_no_end_of_turn(prompts):
     ex = prompts.training_example("q", "d", grade=0, explanation="word " * 50, max_trace_tokens=5)
-    assert ex.truncated
+    assert ex.truncated and ex.trace_truncated and not ex.doc_truncated
     tail = ex.input_ids[ex.grade_pos + 2 :]
     assert len(tail) == 5 and prompts.answer_end_ids[0] not in tail
 
@@ -175,3 +177,11 @@ def test_scores_from_logits_by_hand():
     assert scores[1].probs == pytest.approx(tuple(e / e.sum()))
     assert scores[1].grade == 0 and scores[1].truncated
     assert grade_probs(np.array([[1000.0, 0.0]]))[0, 0] == 1.0  # stable for large logits
+
+
+def test_grade_names_come_from_the_rubric_lines(prompts):
+    assert prompts.format.grade_names() == {4: "exact match", 3: "relevant", 2: "partial", 1: "marginal", 0: "irrelevant"}
+    rubric = "Grade it.\n2 = good: close\n1 = so-so\n 0=bad\n2 = other name: ignored, the first line wins\nx = not a grade"
+    fmt = prompts.format.with_overrides(grades=("0", "1", "2"), values=(0.0, 1.0, 2.0), rubric=rubric)
+    assert fmt.grade_names() == {2: "good", 1: "so-so", 0: "bad"}  # a ":" ends the name but is optional
+    assert prompts.format.with_overrides(rubric="No names here: 4 exact, 0 irrelevant.").grade_names() == {}

@@ -55,6 +55,21 @@ def test_flops_of_qwen3_0_6b_match_its_parameter_count():
     assert 0.43e9 < shape.linear_flops_per_token() / 2 < 0.45e9
 
 
+def test_one_shape_reader_fills_what_a_config_leaves_out(tiny_checkpoint):
+    from transformers import AutoConfig
+
+    from answerfirst.qwen3 import Qwen3Shape
+
+    plain = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    shape = Qwen3Shape.from_config(plain)
+    assert (shape.head_dim, shape.num_key_value_heads) == (16, 4)  # hidden / heads; no GQA
+    assert Qwen3Shape.from_config({**plain, "head_dim": 32, "num_key_value_heads": 2}).head_dim == 32
+    transformers_config = AutoConfig.from_pretrained(tiny_checkpoint)  # an object, not a dict
+    assert ModelShape.from_config(transformers_config) == ModelShape.from_config(transformers_config.to_dict())
+    with pytest.raises(ValueError, match="no intermediate_size"):
+        Qwen3Shape.from_config({k: v for k, v in plain.items() if k != "intermediate_size"})
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="contenders"):
         BenchConfig(contenders=("torch-fp32",))
@@ -67,10 +82,10 @@ def test_config_errors_name_the_field():
 def test_workload_token_counts(tiny_checkpoint):
     from transformers import AutoTokenizer
 
+    from answerfirst.artifact import bind_format
     from answerfirst.bench.workload import workload_w
-    from answerfirst.runtime.api import ScorerConfig, bind_format
 
-    prompts = bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, ScorerConfig(), "tiny")
+    prompts = bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, "tiny")
     workload = workload_w(prompts, docs=6, doc_tokens=(20, 40), seed=3)
     assert len(workload.docs) == 6
     for doc, count in zip(workload.docs, workload.doc_tokens, strict=True):

@@ -33,7 +33,7 @@ def test_score_json_matches_the_api(tiny_checkpoint, tiny_scorer):
     assert [r["doc"] for r in rows] == docs
     np.testing.assert_allclose([r["probs"] for r in rows], [s.probs for s in expected], atol=1e-6)
     assert [r["grade"] for r in rows] == [tiny_scorer.grades[s.grade] for s in expected]
-    assert "Loading weights" not in out.stderr  # no library progress noise
+    assert out.stderr == ""  # quiet: no library progress bars, no deprecation warnings, no notices
 
 
 @pytest.mark.slow
@@ -44,6 +44,7 @@ def test_explain_prints_grade_then_text(tiny_checkpoint, tiny_scorer):
     first, rest = out.stdout.split("\n", 1)
     assert first == f"grade: {tiny_scorer.grades[grade]}"
     assert rest.rstrip("\n") == "".join(tiny_scorer.explain("red shoes", "red running shoes", max_new_tokens=6))
+    assert out.stderr == ""
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kill import run_cli
 
 import answerfirst
 from answerfirst.artifact import Manifest
@@ -225,6 +226,113 @@ def test_resumed_training_equals_uninterrupted_training(tiny_checkpoint, tmp_pat
     losses = lambda h: [r["loss"] for r in h if r["split"] == "train"]  # noqa: E731
     assert losses(resumed.history) == pytest.approx(losses(full.history), rel=1e-5)
     assert resumed.metrics == pytest.approx(full.metrics, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_train_killed_mid_checkpoint_write_resumes_exactly(tiny_checkpoint, tmp_path):
+    data = _write_jsonl(tmp_path / "teacher.jsonl", _teacher_rows())
+    args = ["train", "--student", tiny_checkpoint, "--data", data, "--lr", "2e-3", "--batch-size", "4", "--max-steps", "9",
+            "--log-every", "1", "--save-every", "3", "--warmup-ratio", "0", "--max-trace-tokens", "24", "--gamma", "0.5"]
+    full = run_cli([*args, "--out", tmp_path / "full"])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed = run_cli([*args, "--out", tmp_path / "cut"], kill_at="step-00000006")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000003", "step-00000006.partial"]
+    saved_config = (tmp_path / "cut" / "training_config.json").read_bytes()
+
+    again = run_cli([*args, "--out", tmp_path / "cut"])  # no --resume: refused, nothing overwritten
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = run_cli([*args, "--out", tmp_path / "cut", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "cut" / "training_config.json").read_bytes() == saved_config
+    assert not any(p.name.endswith(".partial") for p in checkpoints.iterdir())
+
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    records = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    steps = lambda out: [r["step"] for r in records(out) if r["split"] == "train"]  # noqa: E731
+    losses = lambda out: [r["loss"] for r in records(out) if r["split"] == "train"]  # noqa: E731
+    assert steps(tmp_path / "cut") == steps(tmp_path / "full") == list(range(1, 10))
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
+    info = Manifest.read(tmp_path / "cut").info
+    assert info["resumes"] == [{"step": 3, "config_changes": {}}]
+    assert Manifest.read(tmp_path / "full").info["resumes"] == []
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_config_or_data_unless_allowed_and_recorded(tiny_checkpoint, tmp_path):
+    rows = _teacher_rows()
+    data = _write_jsonl(tmp_path / "teacher.jsonl", rows)
+    out = tmp_path / "run"
+    config = _config(max_steps=4, save_every=2, keep_checkpoints=1)
+    train(tiny_checkpoint, data, out, config)  # leaves its step-2 checkpoint behind
+    saved = (out / "training_config.json").read_bytes()
+
+    with pytest.raises(ValueError, match=r"other settings \(lr 0\.002 -> 0\.001\); .*--allow-config-change"):
+        train(tiny_checkpoint, data, out, _config(max_steps=4, save_every=2, keep_checkpoints=1, lr=1e-3), resume=True)
+    other_data = _write_jsonl(tmp_path / "other.jsonl", rows[:-1])
+    with pytest.raises(ValueError, match=r"data_sha256"):
+        train(tiny_checkpoint, other_data, out, config, resume=True)
+    assert (out / "training_config.json").read_bytes() == saved  # a refused resume rewrites nothing
+    # Cadence fields may change freely; the run is the same.
+    train(tiny_checkpoint, data, out, _config(max_steps=4, save_every=2, keep_checkpoints=1, log_every=2), resume=True)
+    with pytest.raises(ValueError, match="applies to --resume only"):
+        train(tiny_checkpoint, data, tmp_path / "new", config, allow_config_change=True)
+
+    changed = _config(max_steps=4, save_every=2, keep_checkpoints=1, lr=1e-3)
+    train(tiny_checkpoint, data, out, changed, resume=True, allow_config_change=True)
+    info = Manifest.read(out).info
+    assert info["resumes"][-1] == {"step": 2, "config_changes": {"lr": [0.002, 0.001]}}
+    assert info["training_config"]["lr"] == 1e-3
+    assert json.loads((out / "training_config.json").read_text())["lr"] == 1e-3
+
+
+def test_a_checkpoint_from_before_run_identities_resumes_only_when_allowed(tmp_path):
+    from accelerate import Accelerator
+
+    from answerfirst.distill.runs import RunDir
+
+    old = tmp_path / "checkpoints" / "step-00000003"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 1, "seed": 0}))
+    run_dir = RunDir(tmp_path, Accelerator(cpu=True), "training_config.json")
+    with pytest.raises(ValueError, match=r"other settings \(settings .*not recorded.*--allow-config-change"):
+        run_dir.open(True, {"config": {"lr": 1e-3}}, "training")
+    opened = run_dir.open(True, {"config": {"lr": 1e-3}}, "training", allow_config_change=True)
+    assert opened.step == 3 and opened.checkpoint == old and set(opened.resumes[-1]["config_changes"]) == {"settings"}
+    assert not (tmp_path / "training_config.json").exists()  # open() writes nothing
+
+
+@pytest.mark.slow
+def test_training_reports_truncated_examples(tiny_checkpoint, tmp_path, caplog):
+    rows = _teacher_rows()
+    for row in rows[::4]:  # the first document of every query
+        row["doc"] = row["doc"] + " extra words" * 40  # past max_doc_tokens below
+    data = _write_jsonl(tmp_path / "teacher.jsonl", rows)
+    out = tmp_path / "student"
+    with caplog.at_level("WARNING", logger="answerfirst.distill.runs"):
+        train(tiny_checkpoint, data, out, _config(max_steps=1, save_every=0, max_doc_tokens=100, max_trace_tokens=4))
+    from answerfirst.afrl import PromptTokenizer
+    from answerfirst.distill.train import split_rows
+
+    _, _, prompts, _ = load_student(tiny_checkpoint)
+    prompts = PromptTokenizer(prompts.tokenizer, prompts.format.with_overrides(max_doc_tokens=100))
+    train_rows, _ = split_rows(rows, 0.1, 0)
+    expected = [prompts.training_example(r["query"], r["doc"], 0, r["trace"], 4) for r in train_rows]
+    report = Manifest.read(out).info["truncation"]["train"]
+    assert report == {
+        "examples": len(train_rows),
+        "truncated": sum(e.truncated for e in expected),
+        "truncated_doc": sum(e.doc_truncated for e in expected),
+        "truncated_trace": sum(e.trace_truncated for e in expected),
+    }
+    assert 0 < report["truncated_doc"] < report["examples"] == report["truncated"] == report["truncated_trace"]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["split"] == "data" and first["train_truncated"] == report["truncated"]
+    assert any(f"{report['truncated']} of {report['examples']} examples truncated" in m for m in caplog.messages)
 
 
 @pytest.mark.slow
@@ -470,12 +578,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoin
     for checkpointing in (False, True):
         model, tokenizer, prompts, _ = load_student(tiny_checkpoint)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         examples = build_examples(prompts, _teacher_rows(2, 2), max_trace_tokens=16)
         head = StudentHead(model, prompts.grade_ids)
         loss, _ = batch_loss(head, collate(examples, tokenizer.pad_token_id), LossWeights(1.0, 1.0, 0.5))
         loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

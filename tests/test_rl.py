@@ -28,9 +28,9 @@ def one_thread():
 def prompts(tiny_checkpoint):
     from transformers import AutoTokenizer
 
-    from answerfirst.runtime.api import ScorerConfig, bind_format
+    from answerfirst.artifact import bind_format
 
-    return bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, ScorerConfig(), where="tiny")
+    return bind_format(AutoTokenizer.from_pretrained(tiny_checkpoint), None, where="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -403,3 +403,64 @@ def test_cli_runs_a_preset_and_reports_bad_settings(tiny_checkpoint, sample_data
     assert main([*args[:3], "--data", str(missing), "--out", str(tmp_path / "bad2"), "--steps", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_rl_killed_mid_checkpoint_write_resumes_exactly(tiny_checkpoint, sample_data, tmp_path):
+    from kill import run_cli
+
+    from answerfirst.artifact import Manifest
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY_RUN, "eval_every": 2}.items()]
+    args = ["rl", "--student", tiny_checkpoint, "--data", sample_data, "--steps", "6", "--save-every", "2", *flags]
+    full = run_cli([*args, "--out", tmp_path / "full"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_cli([*args, "--out", tmp_path / "cut"], kill_at="step-00000004")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004.partial"]
+
+    refused = run_cli([*args, "--out", tmp_path / "cut", "--resume", "--sft-coef", "0.25"])
+    assert refused.returncode == 2 and "sft_coef 0.5 -> 0.25" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    resumed = run_cli([*args, "--out", tmp_path / "cut", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    a, b = rl.read_metrics(tmp_path / "full"), rl.read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == list(range(7))
+    for ma, mb in zip(a, b, strict=True):
+        assert drop(mb) == pytest.approx(drop(ma), rel=1e-6, abs=1e-7)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+    info = Manifest.read(tmp_path / "cut").info
+    assert info["resumes"] == [{"step": 2, "config_changes": {}}]
+    assert info["truncation"]["train"]["examples"] == a[0]["train_examples"] > 0
+
+
+@pytest.mark.slow
+def test_rl_resume_with_allowed_config_change_is_recorded(tiny_checkpoint, sample_data, tmp_path):
+    from answerfirst.artifact import Manifest
+
+    base = dict(student=str(tiny_checkpoint), data=str(sample_data), out=str(tmp_path / "rl"), steps=2, save_every=1,
+                **{**TINY_RUN, "eval_every": 2})  # fmt: skip
+
+    class Interrupt(Exception):
+        pass
+
+    def crash_at_2(row):
+        if row["step"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        rl.train(rl.RLConfig(**base), progress=crash_at_2)
+    saved = (tmp_path / "rl" / "rl_config.json").read_bytes()
+    changed = rl.RLConfig(**{**base, "sft_coef": 0.25})
+    with pytest.raises(ValueError, match=r"sft_coef 0\.5 -> 0\.25.*--allow-config-change"):
+        rl.train(changed, resume=True)
+    assert (tmp_path / "rl" / "rl_config.json").read_bytes() == saved
+    rl.train(changed, resume=True, allow_config_change=True)
+    info = Manifest.read(tmp_path / "rl").info
+    assert info["resumes"] == [{"step": 1, "config_changes": {"sft_coef": [0.5, 0.25]}}]
+    assert info["rl_config"]["sft_coef"] == 0.25

@@ -19,43 +19,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+
+from answerfirst.qwen3 import Qwen3Shape
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a Qwen3-style decoder that set its cost."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        """From a transformers config object or a config.json dict."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        heads = get("num_attention_heads")
-        return cls(
-            hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or get("hidden_size") // heads,
-            vocab_size=get("vocab_size"),
-        )
+class ModelShape(Qwen3Shape):
+    """A Qwen3-style decoder's dimensions (answerfirst.qwen3), with what its scoring costs."""
 
     @property
     def q_dim(self) -> int:

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from answerfirst.afrl import Score, scores_from_logits
-from answerfirst.artifact import Manifest, has_manifest
-from answerfirst.runtime.api import ScorerConfig, bind_format
+from answerfirst.artifact import Manifest, bind_format, has_manifest
+from answerfirst.extras import requires
+
+with requires("bench", "the naive reference"):
+    import torch
 
 
 class NaiveReranker:
@@ -29,11 +31,10 @@ class NaiveReranker:
             torch.set_num_threads(threads)
         manifest = Manifest.read(path) if has_manifest(path) else None
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.prompts = bind_format(self.tokenizer, manifest, ScorerConfig(), where=str(path))
+        self.prompts = bind_format(self.tokenizer, manifest, str(path))
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.batch_size = batch_size
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.prompts.suffix_ids[-1]
+        self.pad_id = self.prompts.pad_id
 
     @torch.inference_mode()
     def score(self, query: str, docs: Sequence[str]) -> list[Score]:

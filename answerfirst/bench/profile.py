@@ -54,14 +54,14 @@ def profile_onnx(
     if loaded.backend.name != "onnx":
         raise ManifestError(f"{path} is a {loaded.backend.name} artifact; profile reads ONNX exports")
     chosen = loaded.manifest.variant(variant)
-    prompts, config, manifest, pad_id = loaded.prompts, loaded.config, loaded.manifest, loaded.backend.pad_id
+    prompts, config, manifest = loaded.prompts, loaded.config, loaded.manifest
     del loaded  # its session: the profiled one below replaces it
     workload = workload_w(prompts, docs, seed=seed)
 
     with tempfile.TemporaryDirectory() as tmp:
         graph = path / chosen.file
         session = open_session(graph, threads, prepacks(chosen), profile_prefix=str(Path(tmp) / "ort"))
-        scorer = answerfirst.Scorer(OnnxBackend(session, pad_id, where=str(graph)), prompts, config, manifest)
+        scorer = answerfirst.Scorer(OnnxBackend(session, prompts.pad_id, where=str(graph)), prompts, config, manifest)
         scorer.score(workload.query, workload.docs[:warmup_docs])
         scorer.backend.forget_prefixes()  # the profiled call runs its prefix, as a new query would
         # onnxruntime stamps events from its start time on the system clock (std::chrono's

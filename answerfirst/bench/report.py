@@ -155,10 +155,10 @@ def targets(results: dict[str, Any]) -> list[str]:
 
 
 def _pyplot():
-    try:
+    from answerfirst.extras import requires
+
+    with requires("bench", "the benchmark plots"):
         import matplotlib
-    except ImportError:
-        raise ImportError('the benchmark plots need matplotlib: pip install "answerfirst[bench]"') from None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

@@ -334,8 +334,7 @@ def machine_description() -> dict[str, Any]:
 
 def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Run every contender on workload W (and the curves); returns the results dict (see report.py)."""
-    from answerfirst.artifact import Manifest, has_manifest
-    from answerfirst.runtime.api import ScorerConfig, bind_format
+    from answerfirst.artifact import Manifest, bind_format, has_manifest
 
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -364,7 +363,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     from transformers import AutoTokenizer
 
     manifest = Manifest.read(checkpoint) if has_manifest(checkpoint) else None
-    prompts = bind_format(AutoTokenizer.from_pretrained(checkpoint), manifest, ScorerConfig(), where=str(checkpoint))
+    prompts = bind_format(AutoTokenizer.from_pretrained(checkpoint), manifest, str(checkpoint))
     shape_config = json.loads((checkpoint / "config.json").read_text())
     shape = ModelShape.from_config(shape_config)
     workload = workload_w(prompts, config.docs, config.doc_tokens, config.seed)

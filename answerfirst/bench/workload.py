@@ -18,19 +18,6 @@ logger = logging.getLogger(__name__)
 
 QUERY = "waterproof hiking boots for women size 39"
 
-# Used only while answerfirst.distill.sample is unavailable (it is another part of the kit):
-# enough variety that the BPE sees ordinary product vocabulary, numbers and punctuation.
-_FALLBACK_WORDS = (
-    "waterproof breathable leather suede mesh hiking trail running boots shoes women men size "
-    "lightweight cushioned rubber outsole grip ankle support lace-up zip black brown grey red blue "
-    "Gore-Tex membrane insole arch comfort durable stitching toe cap heel 39 40 41 42 EU UK US "
-    "warranty free shipping returns within 30 days stainless steel bottle 750 ml insulated cold hot "
-    "24 hours wireless headphones battery noise cancelling Bluetooth 5.3 charging case USB-C 65 W "
-    "cotton polyester blend machine washable recycled materials vegan certified ISO tested "
-    "dimensions weight 420 g per pair colour options available in stock ships from warehouse"
-).split()
-
-
 @dataclass(frozen=True)
 class Workload:
     """One query and its documents, with the token counts every contender sees."""
@@ -66,21 +53,10 @@ class Workload:
 
 
 def product_text(rng: random.Random, target_words: int) -> str:
-    """Realistic product text: the sample generator's when it is available."""
-    try:
-        from answerfirst.distill.sample import product_text as sample_product_text
-    except ImportError:
-        sample_product_text = None
-    if sample_product_text is not None:
-        return sample_product_text(rng, target_words)
-    logger.debug("answerfirst.distill.sample is not available; using the benchmark's word list")
-    sentences = []
-    words = 0
-    while words < target_words:
-        sentence = rng.sample(_FALLBACK_WORDS, rng.randint(6, 14))
-        sentences.append(" ".join(sentence).capitalize() + ".")
-        words += len(sentence)
-    return " ".join(sentences)
+    """Realistic product text of about `target_words` words: the sample generator's."""
+    from answerfirst.distill.sample import product_text as sample_product_text
+
+    return sample_product_text(rng, target_words)
 
 
 def fit_document(prompts: PromptTokenizer, rng: random.Random, tokens: int) -> tuple[str, int]:

@@ -4,10 +4,10 @@
     make demo
 
 The page talks to the runtime API only (`answerfirst.load`, `Scorer.score`, `Scorer.explain`,
-`Scorer.grades`, `Scorer.manifest`); prompts, scores and backends all live there. It lists every
-artifact it finds locally (the --model path, artifacts/student, artifacts/onnx, artifacts/gguf and
-each variant of an export), loads one only when it is first picked, and says plainly when one cannot
-be loaded. It runs fully offline: analytics off, the theme's fonts are the ones bundled with gradio,
+`Scorer.grades`, `Scorer.prompts.format`, `Scorer.manifest`); prompts, scores and backends all live
+there. It lists every artifact it finds locally (the --model path, artifacts/student, artifacts/onnx,
+artifacts/gguf and each variant of an export), loads one only when it is first picked, and says
+plainly when one cannot be loaded. It runs fully offline: analytics off, the theme's fonts are the ones bundled with gradio,
 no share link, no server-side rendering. Requests go through gradio's queue, which runs at most
 `concurrency_limit` model calls at once.
 
@@ -21,7 +21,6 @@ import argparse
 import html
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,35 +38,6 @@ DEFAULT_ARTIFACTS = "artifacts"
 ARTIFACT_DIRS = ("student", "onnx", "gguf")
 API_SCORE, API_EXPLAIN = "score", "explain"
 
-# Used only when the sample data module (answerfirst.distill.sample) is not installed.
-FALLBACK_EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (
-        "red running shoes",
-        (
-            "Lightweight red running shoes with a breathable mesh upper.",
-            "Blue trail running shoes, waterproof, size 42.",
-            "Red leather handbag with a gold chain strap.",
-            "Over-ear wireless headphones, 30 hour battery.",
-        ),
-    ),
-    (
-        "stainless steel water bottle 1l",
-        (
-            "Insulated stainless steel bottle, 1 litre, keeps drinks cold for 24 hours.",
-            "Insulated stainless steel bottle, 750 ml, keeps drinks cold.",
-            "Plastic kids' water bottle with a straw, 350 ml.",
-            "Garden hose, 25 m, with a spray nozzle.",
-        ),
-    ),
-    (
-        "usb-c laptop charger 65w",
-        (
-            "65 W USB-C GaN charger, works with laptops and phones.",
-            "30 W USB-C phone charger.",
-            "Laptop sleeve, 14 inch, water resistant.",
-        ),
-    ),
-)
 EXAMPLE_QUERIES = 6  # how many queries of the sample data become examples
 EXAMPLE_DOCS = 6  # documents per example query
 
@@ -175,23 +145,17 @@ def missing_model_message(path: str) -> str:
 
 
 def _sources_of(path: str) -> list[Source]:
-    from answerfirst.artifact import Manifest, ManifestError, has_manifest
+    """One source per loadable file at `path`: the runtime's own artifact-kind detector decides."""
+    from answerfirst.artifact import ManifestError, artifact_kind
+    from answerfirst.runtime.api import BACKEND_OF_KIND
 
     location = Path(path)
-    if location.is_file():
-        if location.suffix == ".gguf":
-            return [Source(_label(location, "gguf", path), path, "gguf")]
-        return [Source(f"{path} (not loadable)", path, "", problem=f"`{path}` is a file but not a .gguf model")]
-    if not has_manifest(location):
-        # A plain HF checkpoint (or a bare GGUF dir): the runtime derives the format itself.
-        backend = "gguf" if any(location.glob("*.gguf")) else "torch"
-        return [Source(_label(location, backend, path), path, backend)]
     try:
-        manifest = Manifest.read(location)
+        kind, manifest = artifact_kind(location)
     except ManifestError as e:
-        return [Source(f"{path} (unreadable manifest)", path, "", problem=f"`{path}`: {e}")]
-    backend = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}[manifest.kind]
-    if manifest.kind == "checkpoint" or not manifest.variants:
+        return [Source(f"{path} (not loadable)", path, "", problem=f"`{path}`: {e}")]
+    backend = BACKEND_OF_KIND[kind]
+    if manifest is None or manifest.kind == "checkpoint" or not manifest.variants:
         return [Source(_label(location, backend, path), path, backend)]
     sources = []
     for v in manifest.variants:  # fastest first, as the exporter lists them
@@ -242,13 +206,6 @@ class Scorers:
         backend = source.backend if source.backend in ("torch", "onnx", "gguf") else "auto"
         try:
             scorer = answerfirst.load(source.path, backend=backend, threads=self.threads, variant=source.variant)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("answerfirst."):
-                raise DemoError(
-                    f"The {source.backend} backend is not part of this answerfirst install ({e.name} is missing); "
-                    "Pick another model."
-                ) from None
-            raise DemoError(f"Could not load {source.key}: {e}. Pick another model.") from None
         except Exception as e:  # noqa: BLE001 - any load failure becomes a message on the page
             logger.warning("could not load %s: %s", source.key, e)
             raise DemoError(f"Could not load {source.key}: {e}. Pick another model.") from None
@@ -348,15 +305,15 @@ def score_documents(scorers: Scorers, config: DemoConfig, source_key: str, query
     except (ValueError, NonFiniteScoreError) as e:  # the runtime names what is wrong with the input or model
         raise DemoError(str(e)) from None
     seconds = time.perf_counter() - start
-    manifest = scorer.manifest
+    fmt = scorer.prompts.format  # the format it scores with (the manifest's, with any max_doc_tokens override)
     return ScoredDocs(
         query=query,
         docs=docs,
         scores=scores,
         grades=tuple(scorer.grades),
-        values=tuple(manifest.format.values) if manifest else tuple(float(g) for g in range(len(scorer.grades))),
+        values=tuple(fmt.values),
         grade_names=grade_names(scorer),
-        max_doc_tokens=manifest.format.max_doc_tokens if manifest else None,
+        max_doc_tokens=fmt.max_doc_tokens,
         seconds=seconds,
         backend=getattr(scorer.backend, "name", "?"),
         source=source_key,
@@ -444,29 +401,14 @@ def doc_choices(docs_text: str | None) -> list[tuple[str, str]]:
 
 def grade_names(scorer: Any) -> dict[str, str]:
     """Grade -> short name from the artifact's rubric lines "4 = exact match: ..." (empty if none)."""
-    manifest = scorer.manifest
-    if manifest is None:
-        from answerfirst.afrl import DEFAULT_GRADES, DEFAULT_RUBRIC
-
-        rubric = DEFAULT_RUBRIC if tuple(scorer.grades) == DEFAULT_GRADES else ""
-    else:
-        rubric = manifest.format.rubric
-    names = {}
-    for grade in scorer.grades:
-        match = re.search(rf"^\s*{re.escape(grade)}\s*=\s*([^:\n]+)", rubric, flags=re.MULTILINE)
-        if match:
-            names[grade] = match.group(1).strip()
-    return names
+    return {scorer.grades[k]: name for k, name in scorer.prompts.format.grade_names().items()}
 
 
 def load_examples() -> list[list[str]]:
     """[query, documents (one per line)] examples from the sample data (answerfirst.distill.sample),
-    grouped by query; the built-in FALLBACK_EXAMPLES only when that module is not installed."""
-    try:
-        from answerfirst.distill.sample import sample_pairs
-    except ImportError:
-        logger.info("answerfirst.distill.sample is not available; using built-in examples")
-        return [[query, "\n".join(docs)] for query, docs in FALLBACK_EXAMPLES]
+    grouped by query."""
+    from answerfirst.distill.sample import sample_pairs
+
     pairs = list(sample_pairs())
     # Held-out queries first: the student never trained on them, so the demo shows honest scores.
     pairs.sort(key=lambda pair: (pair.get("split") if isinstance(pair, dict) else None) != "heldout")
@@ -476,8 +418,7 @@ def load_examples() -> list[list[str]]:
         docs = by_query.setdefault(query, [])
         if len(docs) < EXAMPLE_DOCS and doc not in docs and "\n" not in doc.strip():
             docs.append(doc.strip())
-    examples = [[q, "\n".join(d)] for q, d in by_query.items() if len(d) >= 2][:EXAMPLE_QUERIES]
-    return examples or [[query, "\n".join(docs)] for query, docs in FALLBACK_EXAMPLES]
+    return [[q, "\n".join(d)] for q, d in by_query.items() if len(d) >= 2][:EXAMPLE_QUERIES]
 
 
 def _field(pair: Any, name: str) -> str:
@@ -603,11 +544,77 @@ def build_app(config: DemoConfig, scorers: Scorers | None = None) -> Any:
     and /explain (query, docs, doc, model, max_new_tokens) -> streamed (header, explanation)."""
     gr = _gradio()
     scorers = scorers or Scorers(discover_sources(config), threads=config.threads)
-    sources = list(scorers.sources.values())
+    with gr.Blocks(title="answerfirst demo", analytics_enabled=False) as demo:
+        page = _page(gr, config, list(scorers.sources.values()))
+        _connect(gr, demo, page, config, scorers)
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency_limit)
+    return demo
+
+
+def _page(gr: Any, config: DemoConfig, sources: list[Source]) -> dict[str, Any]:
+    """Lay out the page (inside the Blocks context); returns its interactive components by name."""
     keys = [s.key for s in sources]
     default = next((s.key for s in sources if not s.problem), keys[0] if keys else None)
     problem = next((s.problem for s in sources if s.key == default and s.problem), None)
-    examples = load_examples()
+    gr.Markdown(
+        "# answerfirst · relevance demo\n"
+        "Answer-First, Reason-Later: the grade is the model's **first** token, so a score is one forward "
+        "pass (a softmax over the grade tokens). The explanation is generated only when you ask.",
+        elem_classes="af-title",
+    )
+    if problem:
+        gr.Markdown(f"⚠ {problem}", elem_id="af-problem")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            query = gr.Textbox(label="Query", placeholder="e.g. red running shoes", max_lines=2, elem_id="af-query")
+            docs = gr.Textbox(
+                label="Documents (one per line)",
+                lines=7,
+                max_lines=20,
+                placeholder="Lightweight red running shoes with a breathable mesh upper.\nBlue trail shoes, size 42.",
+                elem_id="af-docs",
+            )
+        with gr.Column(scale=1, min_width=260):
+            source = gr.Dropdown(
+                choices=keys, value=default, label="Backend / artifact", elem_id="af-source", interactive=True
+            )
+            source_info = gr.Markdown("", elem_classes="af-hint", elem_id="af-source-info")
+            score_button = gr.Button("Score", variant="primary", size="lg", elem_id="af-score")
+            gr.Markdown(
+                "Ranks the documents by expected grade. Models load on first use; "
+                "the latency shown is the scoring call alone.",
+                elem_classes="af-hint",
+            )
+    gr.Examples(examples=load_examples(), inputs=[query, docs], label="Examples (sample data)", examples_per_page=6)
+    status = gr.Markdown("", label="status", elem_classes="af-status", elem_id="af-status")
+    table = gr.HTML(EMPTY_TABLE, label="ranked documents", elem_id="af-table")
+    with gr.Accordion("Scores as JSON (exactly what Scorer.score() returned)", open=False):
+        scores_json = gr.JSON(label="scores", elem_id="af-json")
+    gr.Markdown("### Explain a document")
+    with gr.Row(equal_height=False):
+        doc_pick = gr.Dropdown(  # custom values allowed: API callers pass a number without scoring first
+            choices=[], label="Document", elem_id="af-doc-pick", scale=3, interactive=True, allow_custom_value=True
+        )
+        max_new_tokens = gr.Slider(
+            8, config.max_new_tokens_limit, value=min(128, config.max_new_tokens_limit), step=8,
+            label="Max explanation length (tokens)", elem_id="af-max-tokens", scale=2,
+        )
+        explain_button = gr.Button("Explain", elem_id="af-explain", scale=1, min_width=120)
+    explain_head = gr.Markdown("", label="grade", elem_id="af-explain-head")
+    explanation = gr.Textbox(
+        label="Explanation (streamed after the fixed grade)", lines=6, max_lines=20, interactive=False,
+        elem_id="af-explanation",
+    )
+
+    return {
+        "query": query, "docs": docs, "source": source, "source_info": source_info, "score": score_button,
+        "status": status, "table": table, "json": scores_json, "doc_pick": doc_pick, "max_new_tokens": max_new_tokens,
+        "explain": explain_button, "explain_head": explain_head, "explanation": explanation,
+    }  # fmt: skip
+
+
+def _connect(gr: Any, demo: Any, page: dict[str, Any], config: DemoConfig, scorers: Scorers) -> None:
+    """Wire the page's events to the plain functions above; DemoError becomes a message on the page."""
 
     def on_score(query: str, docs_text: str, source_key: str):
         try:
@@ -633,80 +640,23 @@ def build_app(config: DemoConfig, scorers: Scorers | None = None) -> Any:
         value = doc_choice if doc_choice in {v for _, v in choices} else (choices[0][1] if choices else None)
         return gr.Dropdown(choices=choices, value=value)
 
-    with gr.Blocks(title="answerfirst demo", analytics_enabled=False) as demo:
-        gr.Markdown(
-            "# answerfirst · relevance demo\n"
-            "Answer-First, Reason-Later: the grade is the model's **first** token, so a score is one forward "
-            "pass (a softmax over the grade tokens). The explanation is generated only when you ask.",
-            elem_classes="af-title",
-        )
-        if problem:
-            gr.Markdown(f"⚠ {problem}", elem_id="af-problem")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2):
-                query = gr.Textbox(label="Query", placeholder="e.g. red running shoes", max_lines=2, elem_id="af-query")
-                docs = gr.Textbox(
-                    label="Documents (one per line)",
-                    lines=7,
-                    max_lines=20,
-                    placeholder="Lightweight red running shoes with a breathable mesh upper.\nBlue trail shoes, size 42.",
-                    elem_id="af-docs",
-                )
-            with gr.Column(scale=1, min_width=260):
-                source = gr.Dropdown(
-                    choices=keys, value=default, label="Backend / artifact", elem_id="af-source", interactive=True
-                )
-                source_info = gr.Markdown("", elem_classes="af-hint", elem_id="af-source-info")
-                score_button = gr.Button("Score", variant="primary", size="lg", elem_id="af-score")
-                gr.Markdown(
-                    "Ranks the documents by expected grade. Models load on first use; "
-                    "the latency shown is the scoring call alone.",
-                    elem_classes="af-hint",
-                )
-        gr.Examples(examples=examples, inputs=[query, docs], label="Examples (sample data)", examples_per_page=6)
-        status = gr.Markdown("", label="status", elem_classes="af-status", elem_id="af-status")
-        table = gr.HTML(EMPTY_TABLE, label="ranked documents", elem_id="af-table")
-        with gr.Accordion("Scores as JSON (exactly what Scorer.score() returned)", open=False):
-            scores_json = gr.JSON(label="scores", elem_id="af-json")
-        gr.Markdown("### Explain a document")
-        with gr.Row(equal_height=False):
-            doc_pick = gr.Dropdown(  # custom values allowed: API callers pass a number without scoring first
-                choices=[], label="Document", elem_id="af-doc-pick", scale=3, interactive=True, allow_custom_value=True
-            )
-            max_new_tokens = gr.Slider(
-                8, config.max_new_tokens_limit, value=min(128, config.max_new_tokens_limit), step=8,
-                label="Max explanation length (tokens)", elem_id="af-max-tokens", scale=2,
-            )
-            explain_button = gr.Button("Explain", elem_id="af-explain", scale=1, min_width=120)
-        explain_head = gr.Markdown("", label="grade", elem_id="af-explain-head")
-        explanation = gr.Textbox(
-            label="Explanation (streamed after the fixed grade)", lines=6, max_lines=20, interactive=False,
-            elem_id="af-explanation",
-        )
-
-        # One concurrency group for both model calls: at most `concurrency_limit` run at once.
-        score_outputs = [table, status, scores_json, doc_pick]
-        score_button.click(
-            on_score, [query, docs, source], score_outputs, api_name=API_SCORE,
-            concurrency_id="model", concurrency_limit=config.concurrency_limit,
-        )
-        query.submit(  # Enter in the query box scores too; same queue slot, no second API name
-            on_score, [query, docs, source], score_outputs, api_name=False,
-            concurrency_id="model", concurrency_limit=config.concurrency_limit,
-        )
-        explain_button.click(
-            on_explain, [query, docs, doc_pick, source, max_new_tokens], [explain_head, explanation],
-            api_name=API_EXPLAIN, concurrency_id="model", concurrency_limit=config.concurrency_limit,
-        )
-        # Picking a model loads it (once) and says what it is, or why it cannot be loaded.
-        for trigger in (source.change, demo.load):
-            trigger(
-                lambda key: describe_source(scorers, key), [source], [source_info], api_name=False,
-                concurrency_id="model", concurrency_limit=config.concurrency_limit, show_progress="minimal",
-            )
-        docs.change(on_docs_change, [docs, doc_pick], [doc_pick], queue=False, api_name=False, show_progress="hidden")
-    demo.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency_limit)
-    return demo
+    # One concurrency group for both model calls: at most `concurrency_limit` run at once.
+    model_calls = dict(concurrency_id="model", concurrency_limit=config.concurrency_limit)
+    score_inputs = [page["query"], page["docs"], page["source"]]
+    score_outputs = [page["table"], page["status"], page["json"], page["doc_pick"]]
+    page["score"].click(on_score, score_inputs, score_outputs, api_name=API_SCORE, **model_calls)
+    # Enter in the query box scores too; same queue slot, no second API name
+    page["query"].submit(on_score, score_inputs, score_outputs, api_name=False, **model_calls)
+    page["explain"].click(
+        on_explain, [page["query"], page["docs"], page["doc_pick"], page["source"], page["max_new_tokens"]],
+        [page["explain_head"], page["explanation"]], api_name=API_EXPLAIN, **model_calls,
+    )  # fmt: skip
+    # Picking a model loads it (once) and says what it is, or why it cannot be loaded.
+    for trigger in (page["source"].change, demo.load):
+        trigger(lambda key: describe_source(scorers, key), [page["source"]], [page["source_info"]], api_name=False,
+                show_progress="minimal", **model_calls)
+    page["docs"].change(on_docs_change, [page["docs"], page["doc_pick"]], [page["doc_pick"]], queue=False,
+                        api_name=False, show_progress="hidden")
 
 
 def launch(demo: Any, config: DemoConfig, *, block: bool = True) -> Any:
@@ -731,10 +681,10 @@ def launch(demo: Any, config: DemoConfig, *, block: bool = True) -> Any:
 
 
 def _gradio() -> Any:
-    try:
+    from answerfirst.extras import requires
+
+    with requires("demo", "the demo"):
         import gradio as gr
-    except ImportError:
-        raise ImportError('the demo needs gradio: pip install "answerfirst[demo]"') from None
     return gr
 
 
@@ -756,6 +706,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _gradio()  # a missing [demo] extra fails before any model loads
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup self-checks, one line each
     config = DemoConfig(
         model=args.model, artifacts=args.artifacts, host=args.host, port=args.port,

@@ -156,20 +156,20 @@ def _check_row(raw: bytes, seen: set[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 class Teacher:
-    """A causal LM behind the runtime's torch adapter: grade logits from one forward pass per pair,
-    traces from `generate` after the argmax grade token."""
+    """A causal LM opened by the runtime's torch backend: grade logits from one forward pass per pair
+    (Backend.grade_logits, as the runtime scores), traces from transformers' `generate` after the
+    argmax grade token (on the backend's public `model`)."""
 
     def __init__(self, path: str, device: str = "cpu", quantization: str | None = None, max_doc_tokens: int | None = None):
         from answerfirst.artifact import Manifest, has_manifest
-        from answerfirst.runtime._torch import open_torch
-        from answerfirst.runtime.api import ScorerConfig
+        from answerfirst.runtime import ScorerConfig, load
 
         manifest = Manifest.read(path) if Path(path).is_dir() and has_manifest(path) else None
         if manifest is not None and manifest.kind != "checkpoint":
             raise ValueError(f"{path} is a {manifest.kind} export; label with a torch checkpoint (dir or hub id)")
-        self.backend, self.prompts = open_torch(
-            str(path), manifest, device, None, quantization, ScorerConfig(max_doc_tokens=max_doc_tokens)
-        )
+        scorer = load(path, backend="torch", device=device, quantization=quantization,
+                      config=ScorerConfig(max_doc_tokens=max_doc_tokens))
+        self.backend, self.prompts = scorer.backend, scorer.prompts
         self.model = self.backend.model
         self.path = str(path)
 
@@ -199,7 +199,7 @@ class Teacher:
         """Batched decoding, left-padded so every row's new tokens start at the same column."""
         import torch
 
-        pad_id = self.backend.pad_id
+        pad_id = self.prompts.pad_id
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+from answerfirst.extras import requires
+
+with requires("train", "answerfirst.distill"):
+    import torch
+    import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 _LOG_FLOOR = 1e-12  # teacher probabilities of exactly 0 must not give log(0)

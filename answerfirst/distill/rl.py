@@ -28,8 +28,10 @@ held-out reward / gold agreement / NDCG), checkpoints every `save_every` steps a
 stopped (sampling randomness is a function of the step). The output is a student checkpoint with
 its answerfirst.json manifest, loadable by `answerfirst.load`.
 
-Data loading, the split, collation, the student forward (`StudentHead`), the held-out metrics,
-checkpoints and the output writer are distill/train.py's; this module adds what is RL-only.
+Data loading, the split, collation, the student forward (`StudentHead`), the held-out metrics and
+the output writer are distill/train.py's; the run directory (identity, checkpoints, exact resume,
+metrics.jsonl, truncation report, config flags) is distill/runs.py's, shared with train.py. This
+module adds what is RL-only.
 """
 
 from __future__ import annotations
@@ -48,18 +50,34 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import checkpoint_hash
+from answerfirst.distill import train as distill
 from answerfirst.distill.objectives import IGNORE_INDEX, gold_grade_ce, trace_ce
+from answerfirst.distill.runs import (
+    CHECKPOINTS_DIR,
+    METRICS_NAME,
+    RunDir,
+    add_config_flags,
+    add_run_flags,
+    config_flag_values,
+    log_truncation,
+    read_records,
+    run_identity,
+    truncation_report,
+)
+from answerfirst.extras import requires
+
+with requires("train", "answerfirst.distill"):
+    import torch
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "rl_config.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,9 +206,12 @@ class RLConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device: 'cpu' or 'cuda' (accelerate launch places processes on GPUs), got {self.device!r}")
 
-    def resume_key(self) -> dict[str, Any]:
-        """Everything that must match for a restart to continue a run (a longer `steps` may)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "device", "out", "threads")}
+    # Fields `--resume` does not compare (runs.py): where the run writes, how fast and how often it
+    # logs and saves, where it runs, and `steps` (the learning rate is constant, so a longer run
+    # continues the same one). The student and data are compared by content, not by path.
+    RESUME_IGNORES: ClassVar[tuple[str, ...]] = (
+        "student", "data", "out", "steps", "threads", "device", "eval_every", "save_every",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,16 +241,11 @@ def content_terms(text: str) -> set[str]:
 
 
 def grade_phrases(fmt: AFRLFormat) -> dict[int, str]:
-    """The name the rubric gives each grade: a rubric line "4 = exact match: ..." -> {4: "exact match"}.
+    """The rubric's name of each grade (AFRLFormat.grade_names), lower-cased: {4: "exact match", ...}.
 
-    Grades the rubric does not name this way have no phrase (the consistency rule then only sees
-    explicit "grade N" mentions)."""
-    phrases = {}
-    for line in fmt.rubric.splitlines():
-        m = re.match(r"\s*(\S+)\s*=\s*([^:\n]+?)\s*:", line)
-        if m and m.group(1) in fmt.grades:
-            phrases[fmt.grades.index(m.group(1))] = m.group(2).strip().lower()
-    return phrases
+    Grades the rubric does not name have no phrase (the consistency rule then only sees explicit
+    "grade N" mentions)."""
+    return {k: name.lower() for k, name in fmt.grade_names().items()}
 
 
 def mentioned_grades(text: str, fmt: AFRLFormat, phrases: dict[int, str]) -> set[int]:
@@ -447,9 +463,7 @@ def answer_logprobs(head: Any, batch: RolloutBatch, temperature: float) -> tuple
     sampled from that restricted distribution); columns 1.. the explanation tokens, log-softmax over
     the full vocabulary; both at `temperature`. And grade_logits (R, K) (for the entropy metric).
     """
-    from answerfirst.distill.train import student_forward
-
-    grade_logits, logits = student_forward(
+    grade_logits, logits = distill.student_forward(
         head, {"input_ids": batch.input_ids, "grade_pos": batch.grade_pos, "window_pos": batch.window_pos}
     )  # (R, K), (R, A, V)
     rows = torch.arange(len(grade_logits), device=grade_logits.device)
@@ -536,9 +550,7 @@ def sft_loss(head: Any, batch: dict[str, Any], config: RLConfig) -> torch.Tensor
 
     (objectives.trace_ce / gold_grade_ce; the gold grade is the label, else the teacher's argmax,
     passed as batch["target_grade"])."""
-    from answerfirst.distill.train import student_forward
-
-    grade_logits, logits = student_forward(head, batch)  # (B, K), (B, A, V)
+    grade_logits, logits = distill.student_forward(head, batch)  # (B, K), (B, A, V)
     return config.sft_trace_weight * trace_ce(logits, batch["labels"]) + config.sft_grade_weight * gold_grade_ce(
         grade_logits, batch["target_grade"]
     )
@@ -571,7 +583,7 @@ def sample_group(
     grade_logits = out.logits[0, -1, list(prompts.grade_ids)].float().cpu() / temperature  # (K,)
     grades = torch.multinomial(torch.softmax(grade_logits, -1), group_size, replacement=True, generator=generator)
     cache = DynamicCache(config=model.config)
-    for layer_idx, layer in enumerate(out.past_key_values.layers):
+    for layer_idx, layer in enumerate(out.cache.layers):
         # (1, kv_heads, P, head_dim) -> (G, kv_heads, P, head_dim)
         cache.update(layer.keys.expand(group_size, -1, -1, -1), layer.values.expand(group_size, -1, -1, -1), layer_idx)
     step_ids = torch.tensor([[prompts.grade_ids[g]] for g in grades.tolist()], dtype=torch.long, device=device)  # (G, 1)
@@ -580,8 +592,8 @@ def sample_group(
     finished = torch.zeros(group_size, dtype=torch.bool)
     for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
         positions = torch.full((group_size, 1), position, dtype=torch.long, device=device)
-        out = model(input_ids=step_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=step_ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = out.cache
         probs = torch.softmax(out.logits[:, -1].float().cpu() / temperature, dim=-1)  # (G, V)
         next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (G,)
         generated.append(next_ids)
@@ -679,8 +691,6 @@ def heldout_metrics(
     entropy: mean entropy of p in nats; kl_ref: mean exact KL(p ‖ p_ref) over the K grades to the
     starting student; plus train.metrics_from_logits (accuracy_gold, ndcg10_gold, and the teacher
     agreement / KL where rows carry teacher_probs)."""
-    from answerfirst.distill.train import metrics_from_logits
-
     z, z_ref = torch.from_numpy(np.asarray(logits)).double(), torch.from_numpy(np.asarray(ref_logits)).double()
     probs = torch.softmax(z, -1)
     gold = torch.tensor([target_grade(e) for e in examples])
@@ -691,7 +701,7 @@ def heldout_metrics(
         "reward": float((probs * reward_table).sum(-1).mean()),
         "entropy": float(entropy(z).mean()),
         "kl_ref": float(kl_ref.mean()),
-        **{k: v for k, v in metrics_from_logits(np.asarray(logits), examples, values).items() if k != "pairs"},
+        **{k: v for k, v in distill.metrics_from_logits(np.asarray(logits), examples, values).items() if k != "pairs"},
     }
     return {f"heldout_{k}": float(v) for k, v in metrics.items()}
 
@@ -707,34 +717,104 @@ def _step_rngs(config: RLConfig, step: int, rank: int) -> tuple[torch.Generator,
     return torch.Generator().manual_seed(seed), random.Random(seed)
 
 
-def train(config: RLConfig, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
+@dataclass
+class _RLRun:
+    """What one RL run holds, prepared by `_prepare` (policy and optimizer wrapped by accelerate)."""
+
+    accelerator: Any
+    head: Any
+    optimizer: Any
+    reference: Any
+    tokenizer: Any
+    prompts: PromptTokenizer
+    student_manifest: Any
+    heldout_rows: list[dict[str, Any]]
+    train_examples: list[Any]
+    eval_examples: list[Any]
+    train_pairs: list[RLPair]
+    ref_logits: np.ndarray  # (N, K) held-out grade logits of the frozen starting student
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        return self.prompts.format.values
+
+
+def train(
+    config: RLConfig,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    allow_config_change: bool = False,
+) -> Path:
     """Refine `config.student` on `config.data` and write the refined student to `config.out`.
 
     Run it as is or under `accelerate launch`: every process samples its own prompts (seeded by its
-    rank) and DDP averages the gradients. `progress` gets each metrics row (the CLI prints them)."""
+    rank) and DDP averages the gradients. `progress` gets each metrics row (the CLI prints them).
+    `resume` continues the run in `config.out` exactly, if its identity matches (runs.py);
+    `allow_config_change` continues anyway and records the change."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from answerfirst.distill import train as distill
 
     out = Path(config.out)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=config.device == "cpu")
     set_seed(config.seed)
-    main = accelerator.is_main_process
-    has_checkpoints = bool(distill._complete_checkpoints(out))
-    if resume and not has_checkpoints:
-        raise FileNotFoundError(f"--resume: {out / distill.CHECKPOINTS_DIR} holds no complete checkpoint to resume from")
-    if not resume and has_checkpoints:
-        raise ValueError(f"{out} already holds RL checkpoints; pass --resume to continue or pick a new --out")
+    run_dir = RunDir(out, accelerator, CONFIG_NAME)
+    settings = dataclasses.asdict(config)
+    identity = run_identity(settings, RLConfig.RESUME_IGNORES, config.data, config.student, accelerator.num_processes)
+    opened = run_dir.open(resume, identity, "RL", allow_config_change)
 
+    run = _prepare(config, accelerator)
+    started = run_dir.start(opened, settings)
+    logger.info(
+        "RL on %s: %d training pairs, %d held out, %d steps, %d process(es)\n%s",
+        config.student, len(run.train_pairs), len(run.eval_examples), config.steps, accelerator.num_processes,
+        json.dumps(settings, indent=2),
+    )  # fmt: skip
+
+    def record(row: dict[str, Any]) -> None:
+        run_dir.record(row)
+        if progress is not None and run_dir.main:
+            progress(row)
+
+    truncation = {"train": truncation_report(run.train_examples), "heldout": truncation_report(run.eval_examples)}
+    for split, report in truncation.items():
+        log_truncation(split, report, run.prompts.format.max_doc_tokens, config.max_trace_tokens)
+    # The truncation counts go with the first row this (re)start writes when they are news.
+    pending = {f"{split}_{k}": v for split, report in truncation.items() for k, v in report.items()}
+    if started.step and not started.data_changed:
+        pending = {}
+
+    step = started.step
+    if step == 0:
+        record({"step": 0, **_evaluate(run, config), **pending})
+        pending = {}
+    checkpoint_state = {"identity": identity, "resumes": started.resumes}
+    while step < config.steps:
+        step += 1
+        row = _rl_step(run, config, step)
+        if step % config.eval_every == 0 or step == config.steps:
+            row.update(_evaluate(run, config))
+        record({**row, **pending})
+        pending = {}
+        if step % config.save_every == 0 and step != config.steps:
+            run_dir.save_checkpoint(step, checkpoint_state, keep=2)
+
+    accelerator.wait_for_everyone()
+    if run_dir.main:
+        _write_refined_student(run, config, step, {"truncation": truncation, "resumes": started.resumes,
+                                                   "rl_data_sha256": identity["data_sha256"]})
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _prepare(config: RLConfig, accelerator: Any) -> _RLRun:
+    """The policy (the student, trained), its frozen copy (the reference), both splits, the
+    optimizer, and the reference's held-out grade logits (computed once: it never changes)."""
     model, tokenizer, prompts, student_manifest = distill.load_student(config.student)
     if config.max_doc_tokens is not None:
         prompts = PromptTokenizer(tokenizer, prompts.format.with_overrides(max_doc_tokens=config.max_doc_tokens))
     model.config.use_cache = True  # sampling uses the KV cache; the loss forward passes use_cache=False
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
-    values = prompts.format.values
 
     rows = distill.load_rows(config.data)
     train_rows, heldout_rows = distill.split_rows(rows, config.eval_fraction, config.seed)
@@ -749,172 +829,135 @@ def train(config: RLConfig, resume: bool = False, progress: Callable[[dict[str, 
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     head, optimizer = accelerator.prepare(head, optimizer)
     reference.to(accelerator.device)
-    # The reference is frozen: its held-out grade logits are computed once.
-    ref_logits = distill.predict_grade_logits(reference, eval_examples, pad_id, config.eval_batch_size, accelerator.device)
+    ref_logits = distill.predict_grade_logits(
+        reference, eval_examples, prompts.pad_id, config.eval_batch_size, accelerator.device
+    )
+    return _RLRun(accelerator, head, optimizer, reference, tokenizer, prompts, student_manifest, heldout_rows,
+                  train_examples, eval_examples, train_pairs, ref_logits)
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
-    logger.info(
-        "RL on %s: %d training pairs, %d held out, %d steps, %d process(es)\n%s",
-        config.student, len(train_pairs), len(eval_examples), config.steps, accelerator.num_processes,
-        json.dumps(dataclasses.asdict(config), indent=2),
-    )  # fmt: skip
 
-    step = 0
-    if resume:
-        state = distill.load_training_state(accelerator, out)
-        if state.get("config") != config.resume_key():
-            changed = sorted(k for k, v in config.resume_key().items() if state.get("config", {}).get(k) != v)
-            raise ValueError(
-                f"--resume: the checkpoint in {out} was written with other settings ({', '.join(changed)}); "
-                "resume with the same settings or start a new --out"
-            )
-        step = int(state["step"])
-        if main:
-            distill._read_metrics(out, upto_step=step)  # drops rows the interrupted run wrote after it
-        logger.info("resumed from step %d", step)
-    elif main:
-        (out / METRICS_NAME).unlink(missing_ok=True)
+def _evaluate(run: _RLRun, config: RLConfig) -> dict[str, float]:
+    logits = distill.predict_grade_logits(
+        run.head, run.eval_examples, run.prompts.pad_id, config.eval_batch_size, run.accelerator.device
+    )
+    return heldout_metrics(logits, run.ref_logits, run.eval_examples, run.values)
 
-    def record(row: dict[str, Any]) -> None:
-        if main:
-            with (out / METRICS_NAME).open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        if progress is not None and main:
-            progress(row)
 
-    def run_eval() -> dict[str, float]:
-        logits = distill.predict_grade_logits(head, eval_examples, pad_id, config.eval_batch_size, accelerator.device)
-        return heldout_metrics(logits, ref_logits, eval_examples, values)
-
-    if step == 0:
-        record({"step": 0, **run_eval()})
-    while step < config.steps:
-        step += 1
-        began = time.perf_counter()
-        generator, picker = _step_rngs(config, step, accelerator.process_index)
-        policy = accelerator.unwrap_model(head).model
-        policy.eval()  # sampling and old log-probs without dropout: the ratio starts at exactly 1
-        chosen = [train_pairs[picker.randrange(len(train_pairs))] for _ in range(config.prompts_per_step)]
-        groups = [
-            sample_group(policy, p.prompt_ids, prompts, config.group_size, config.max_new_tokens, config.temperature, generator)
-            for p in chosen
+def _rl_step(run: _RLRun, config: RLConfig, step: int) -> dict[str, Any]:
+    """One optimisation step: sample groups, reward both steps, then `policy_epochs` gradient passes
+    over the rollout (plus the SFT term). Returns the step's metrics row."""
+    accelerator, head, prompts, values = run.accelerator, run.head, run.prompts, run.values
+    began = time.perf_counter()
+    generator, picker = _step_rngs(config, step, accelerator.process_index)
+    policy = accelerator.unwrap_model(head).model
+    policy.eval()  # sampling and old log-probs without dropout: the ratio starts at exactly 1
+    chosen = [run.train_pairs[picker.randrange(len(run.train_pairs))] for _ in range(config.prompts_per_step)]
+    groups = [
+        sample_group(policy, p.prompt_ids, prompts, config.group_size, config.max_new_tokens, config.temperature, generator)
+        for p in chosen
+    ]
+    grade_rewards = torch.tensor([[grade_reward(c.grade, p.gold, values) for c in g] for p, g in zip(chosen, groups, strict=True)])
+    checks = [
+        [
+            explanation_checks(c, p.query, p.doc, prompts, config.min_explanation_tokens, config.max_explanation_tokens)
+            for c in g
         ]
-        grade_rewards = torch.tensor([[grade_reward(c.grade, p.gold, values) for c in g] for p, g in zip(chosen, groups, strict=True)])
-        checks = [
-            [
-                explanation_checks(c, p.query, p.doc, prompts, config.min_explanation_tokens, config.max_explanation_tokens)
-                for c in g
-            ]
-            for p, g in zip(chosen, groups, strict=True)
-        ]
-        explanation_rewards = torch.tensor([[explanation_reward(c) for c in g] for g in checks])
-        batch = rollout_to(
-            build_rollout(chosen, groups, grade_rewards, explanation_rewards, prompts, pad_id, config), accelerator.device
-        )
-        head.eval()
-        with torch.no_grad():
-            batch.old_logp, _ = answer_logprobs(head, batch, config.temperature)
-            batch.ref_logp, _ = answer_logprobs(reference, batch, config.temperature)
+        for p, g in zip(chosen, groups, strict=True)
+    ]
+    explanation_rewards = torch.tensor([[explanation_reward(c) for c in g] for g in checks])
+    batch = rollout_to(
+        build_rollout(chosen, groups, grade_rewards, explanation_rewards, prompts, prompts.pad_id, config),
+        accelerator.device,
+    )
+    head.eval()
+    with torch.no_grad():
+        batch.old_logp, _ = answer_logprobs(head, batch, config.temperature)
+        batch.ref_logp, _ = answer_logprobs(run.reference, batch, config.temperature)
 
-        head.train()
-        terms: dict[str, float] = {}
-        for _ in range(config.policy_epochs):
-            optimizer.zero_grad(set_to_none=True)
-            # One forward per backward (DDP marks each parameter ready once per backward): the
-            # policy-gradient part first, without gradient sync when the SFT part follows.
-            logp, grade_logits = answer_logprobs(head, batch, config.temperature)
-            loss, parts = rl_loss(logp, batch, config, None)
-            with accelerator.no_sync(head) if config.sft_coef > 0 else contextlib.nullcontext():
-                accelerator.backward(loss)
-            if config.sft_coef > 0:
-                chosen_sft = [train_examples[picker.randrange(len(train_examples))] for _ in range(config.sft_batch_size)]
-                sft_batch = distill.batches_to_device(distill.collate(chosen_sft, pad_id), accelerator.device)
-                sft_batch["target_grade"] = torch.tensor([target_grade(e) for e in chosen_sft], device=accelerator.device)
-                sft = config.sft_coef * sft_loss(head, sft_batch, config)
-                accelerator.backward(sft)
-                parts["sft"] = float(sft.detach())
-                loss = loss.detach() + sft.detach()
-            accelerator.clip_grad_norm_(head.parameters(), config.max_grad_norm)
-            optimizer.step()
-            for name, value in {**parts, "loss": float(loss.detach())}.items():
-                terms[name] = terms.get(name, 0.0) + value / config.policy_epochs
+    head.train()
+    terms: dict[str, float] = {}
+    for _ in range(config.policy_epochs):
+        run.optimizer.zero_grad(set_to_none=True)
+        # One forward per backward (DDP marks each parameter ready once per backward): the
+        # policy-gradient part first, without gradient sync when the SFT part follows.
+        logp, grade_logits = answer_logprobs(head, batch, config.temperature)
+        loss, parts = rl_loss(logp, batch, config, None)
+        with accelerator.no_sync(head) if config.sft_coef > 0 else contextlib.nullcontext():
+            accelerator.backward(loss)
+        if config.sft_coef > 0:
+            chosen_sft = [run.train_examples[picker.randrange(len(run.train_examples))] for _ in range(config.sft_batch_size)]
+            sft_batch = distill.batches_to_device(distill.collate(chosen_sft, prompts.pad_id), accelerator.device)
+            sft_batch["target_grade"] = torch.tensor([target_grade(e) for e in chosen_sft], device=accelerator.device)
+            sft = config.sft_coef * sft_loss(head, sft_batch, config)
+            accelerator.backward(sft)
+            parts["sft"] = float(sft.detach())
+            loss = loss.detach() + sft.detach()
+        accelerator.clip_grad_norm_(head.parameters(), config.max_grad_norm)
+        run.optimizer.step()
+        for name, value in {**parts, "loss": float(loss.detach())}.items():
+            terms[name] = terms.get(name, 0.0) + value / config.policy_epochs
 
-        row: dict[str, Any] = {
-            "step": step,
-            "reward_grade": float(grade_rewards.mean()),
-            "reward_explanation": float(explanation_rewards.mean()),
-            "grade_entropy": float(entropy(grade_logits.detach()).mean()),
-            **{f"rule_{k}": float(np.mean([c[k] for g in checks for c in g])) for k in checks[0][0]},
-            **terms,
-            "seconds": round(time.perf_counter() - began, 3),
-        }
-        if step % config.eval_every == 0 or step == config.steps:
-            row.update(run_eval())
-        record(row)
-        if step % config.save_every == 0 and step != config.steps:
-            distill.save_training_state(accelerator, out, step, {"config": config.resume_key()}, keep=2)
+    return {
+        "step": step,
+        "reward_grade": float(grade_rewards.mean()),
+        "reward_explanation": float(explanation_rewards.mean()),
+        "grade_entropy": float(entropy(grade_logits.detach()).mean()),
+        **{f"rule_{k}": float(np.mean([c[k] for g in checks for c in g])) for k in checks[0][0]},
+        **terms,
+        "seconds": round(time.perf_counter() - began, 3),
+    }
 
-    accelerator.wait_for_everyone()
-    if main:
-        final = next(r for r in reversed(read_metrics(out)) if "heldout_reward" in r)
-        distill.write_student(
-            accelerator.unwrap_model(head).model,
-            tokenizer,
-            prompts,
-            out,
-            source={"model": str(config.student), "student_sha256": checkpoint_hash(config.student)},
-            info={
-                **(student_manifest.info if student_manifest else {}),
-                "rl_config": dataclasses.asdict(config),
-                "rl_data": str(config.data),
-                "rl_steps": step,
-                "rl_metrics": final,
-                "probe_pairs": [[r["query"], r["doc"]] for r in heldout_rows[:128]],
-            },
-        )
-        # The run is complete: its resumable checkpoints are no longer needed.
-        shutil.rmtree(out / distill.CHECKPOINTS_DIR, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return out
+
+def _write_refined_student(run: _RLRun, config: RLConfig, step: int, info: dict[str, Any]) -> None:
+    """The refined student checkpoint (main process), then the run's resumable checkpoints go: it is complete."""
+    out = Path(config.out)
+    final = next(r for r in reversed(read_metrics(out)) if "heldout_reward" in r)
+    distill.write_student(
+        run.accelerator.unwrap_model(run.head).model,
+        run.tokenizer,
+        run.prompts,
+        out,
+        source={"model": str(config.student), "student_sha256": checkpoint_hash(config.student)},
+        info={
+            **(run.student_manifest.info if run.student_manifest else {}),
+            "rl_config": dataclasses.asdict(config),
+            "rl_data": str(config.data),
+            "rl_steps": step,
+            "rl_metrics": final,
+            **info,
+            "probe_pairs": [[r["query"], r["doc"]] for r in run.heldout_rows[:128]],
+        },
+    )
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
 
 
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl."""
-    from answerfirst.distill.train import iter_records
-
-    return list(iter_records(Path(out) / METRICS_NAME))
+    return read_records(Path(out) / METRICS_NAME)
 
 
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
-_FLAGS = [f for f in dataclasses.fields(RLConfig) if f.name not in ("student", "data", "out")]
+_PATHS = ("student", "data", "out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", required=True, help="distilled student checkpoint directory")
     parser.add_argument("--data", required=True, help="teacher.jsonl (teacher_probs and/or label per row, trace)")
     parser.add_argument("--out", required=True, help="output directory: refined student + metrics.jsonl")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_run_flags(parser)
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
         help=f"clip / SFT settings to start from (default {DEFAULT_PRESET}); the flags below override them",
     )  # fmt: skip
-    for f in _FLAGS:
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type))
-        if str(f.type) == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")
+    add_config_flags(parser, RLConfig, skip=_PATHS)
 
 
 def config_from_args(args: argparse.Namespace) -> RLConfig:
     values: dict[str, Any] = dict(PRESETS[args.preset])
-    values.update({f.name: getattr(args, f.name) for f in _FLAGS if getattr(args, f.name, None) is not None})
+    values.update(config_flag_values(args, RLConfig, skip=_PATHS))
     return RLConfig(student=args.student, data=args.data, out=args.out, **values)
 
 
@@ -934,6 +977,6 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    out = train(config, resume=args.resume, progress=show)
+    out = train(config, resume=args.resume, progress=show, allow_config_change=args.allow_config_change)
     print(f"refined student written to {out} (metrics: {out / METRICS_NAME})", flush=True)
     return 0

@@ -2,16 +2,16 @@
 
 Reads top to bottom: config, data (teacher.jsonl -> examples -> padded batches), the model forward
 (grade logits at the first answer position + full-vocabulary logits only on the answer window),
-evaluation, checkpoints, the loop, the output checkpoint, the CLI.
+evaluation, the output checkpoint, the loop, the CLI.
 
     L = α·τ²·KL(p_teacher^τ ‖ p_student^τ) + β·CE(trace) + γ·CE(gold grade)   (distill/objectives.py)
 
 The same code runs on CPU, one GPU (bf16 autocast) and many processes via `accelerate launch`:
-every rank takes a disjoint slice of each step's micro-batches, DDP averages the gradients.
-
-Pieces that distill/rl.py builds on (keep their signatures stable): `load_rows`, `split_rows`,
-`build_examples`, `collate`, `StudentHead` / `student_forward`, `evaluate`, `save_training_state` /
-`load_training_state`, `write_student`.
+every rank takes a disjoint slice of each step's micro-batches, DDP averages the gradients. The run
+directory (identity, checkpoints, exact resume, metrics.jsonl, truncation report, config flags) is
+distill/runs.py's, shared with distill/rl.py, which also builds on `load_rows`, `split_rows`,
+`build_examples`, `collate`, `StudentHead` / `student_forward`, `predict_grade_logits`,
+`metrics_from_logits`, `load_student` and `write_student` (see __all__).
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from answerfirst.afrl import (
     DEFAULT_MAX_TRACE_TOKENS,
@@ -39,16 +37,32 @@ from answerfirst.afrl import (
     TrainingExample,
     grade_probs,
 )
-from answerfirst.artifact import Manifest, checkpoint_hash, has_manifest
+from answerfirst.artifact import Manifest, bind_format, checkpoint_hash, has_manifest
 from answerfirst.distill.objectives import IGNORE_INDEX, LossWeights, distill_loss, first_token_kl
+from answerfirst.distill.runs import (
+    CHECKPOINTS_DIR,
+    RunDir,
+    add_config_flags,
+    add_run_flags,
+    config_flag_values,
+    log_truncation,
+    run_identity,
+    truncation_report,
+)
+from answerfirst.extras import requires
 from answerfirst.metrics import agreement, mean_ndcg_by_query, spearman
+
+with requires("train", "answerfirst.distill"):
+    import torch
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "training_config.json"
-METRICS_NAME = "metrics.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-STATE_NAME = "trainer_state.json"
+__all__ = [  # what distill/pipeline.py and rl.py build on: keep these signatures stable
+    "CHECKPOINTS_DIR", "DistillExample", "StudentHead", "TrainConfig", "TrainResult", "batch_loss", "build_examples",
+    "collate", "evaluate", "load_rows", "load_student", "metrics_from_logits", "predict_grade_logits", "split_rows",
+    "student_forward", "teacher_metrics", "train", "write_student",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +83,12 @@ class TrainConfig:
     keep_checkpoints: how many step checkpoints to keep on disk.
     gradient_checkpointing: recompute activations in backward (for the 0.6B student on a GPU).
     mixed_precision: "auto" (bf16 on GPU, none on CPU) | "no" | "bf16" | "fp16".
+
+    `--resume` continues a run only when every field is the checkpointed run's, except the
+    RESUME_IGNORES ones, which change how often it logs, evaluates and saves but not what it learns.
     """
+
+    RESUME_IGNORES: ClassVar[tuple[str, ...]] = ("log_every", "eval_every", "save_every", "keep_checkpoints")
 
     alpha: float = 1.0
     beta: float = 1.0
@@ -431,43 +450,6 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: accelerate state (model, optimizer, scheduler, RNG) + our position in the data
-# ------------------------------------------------------------------------------------------------
-
-
-def save_training_state(accelerator: Any, out: Path, step: int, extra: dict[str, Any], keep: int) -> Path:
-    """Save everything needed to resume after optimizer step `step`; keep the newest `keep`."""
-    directory = Path(out) / CHECKPOINTS_DIR / f"step-{step:08d}"
-    accelerator.save_state(str(directory))
-    if accelerator.is_main_process:
-        state = {"step": step, **extra}
-        (directory / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        # The state file is written last: a checkpoint without it is incomplete and never resumed from.
-        for old in _complete_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return directory
-
-
-def _complete_checkpoints(out: Path) -> list[Path]:
-    root = Path(out) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
-
-
-def load_training_state(accelerator: Any, out: Path) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint under `out` into the prepared objects; its state dict,
-    or None when there is none."""
-    checkpoints = _complete_checkpoints(out)
-    if not checkpoints:
-        return None
-    latest = checkpoints[-1]
-    accelerator.load_state(str(latest))
-    return json.loads((latest / STATE_NAME).read_text(encoding="utf-8"))
-
-
-# ------------------------------------------------------------------------------------------------
 # Output: an HF checkpoint that answerfirst.load() opens directly
 # ------------------------------------------------------------------------------------------------
 
@@ -500,8 +482,6 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """(model in train mode, tokenizer, prompt tokenizer, manifest or None) from a dir or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from answerfirst.runtime.api import ScorerConfig, bind_format
-
     path = str(path)
     manifest = Manifest.read(path) if Path(path).is_dir() and has_manifest(path) else None
     try:
@@ -509,7 +489,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a student model + tokenizer from {path!r}: {e}") from None
-    prompts = bind_format(tokenizer, manifest, ScorerConfig(), where=path)
+    prompts = bind_format(tokenizer, manifest, path)
     return model.to(device).train(), tokenizer, prompts, manifest
 
 
@@ -550,6 +530,29 @@ def micro_batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -
     return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds, prepared by `_prepare` (the model and optimizer already
+    wrapped by accelerate)."""
+
+    accelerator: Any
+    head: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    prompts: PromptTokenizer
+    student_manifest: Manifest | None
+    heldout_rows: list[dict[str, Any]]
+    train_examples: list[DistillExample]
+    eval_examples: list[DistillExample]
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        return self.prompts.format.values
+
+
 def train(
     student: str | Path,
     data: str | Path,
@@ -560,13 +563,16 @@ def train(
     source: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train `student` on `data` (teacher.jsonl, or gold rows for SFT) and write the checkpoint to `out`.
 
     Run it as is (one process) or under `accelerate launch` (one process per device); the same
-    code does both. `progress` gets each logged record (the CLI prints them)."""
+    code does both. `progress` gets each logged record (the CLI prints them). `resume` continues the
+    run in `out` from its newest complete checkpoint, exactly, if the config, data and starting model
+    are those of that run (runs.py); `allow_config_change` continues anyway and records the change."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     out = Path(out)
     mixed = config.mixed_precision
@@ -574,19 +580,74 @@ def train(
         mixed = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
-    main = accelerator.is_main_process
-    if resume and not _complete_checkpoints(out):
-        raise FileNotFoundError(f"--resume: {out / CHECKPOINTS_DIR} holds no complete checkpoint to resume from")
-    if not resume and _complete_checkpoints(out):
-        raise ValueError(f"{out} already holds training checkpoints; pass --resume to continue or pick a new --out")
+    run_dir = RunDir(out, accelerator, CONFIG_NAME)
+    identity = run_identity(config.to_dict(), TrainConfig.RESUME_IGNORES, data, student, accelerator.num_processes)
+    opened = run_dir.open(resume, identity, "training", allow_config_change)
 
+    run = _prepare(student, data, config, accelerator)
+    started = run_dir.start(opened, config.to_dict())
+    logger.info(
+        "training %s on %d rows (%d held out), %d steps (%d per epoch), %d process(es)\n%s",
+        student, len(run.train_examples), len(run.eval_examples), run.total_steps, run.steps_per_epoch,
+        accelerator.num_processes, config.describe(),
+    )  # fmt: skip
+    history = started.history
+
+    def record(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        run_dir.record(entry)
+        if progress is not None and run_dir.main:
+            progress(entry)
+
+    truncation = {"train": truncation_report(run.train_examples), "heldout": truncation_report(run.eval_examples)}
+    for split, report in truncation.items():
+        log_truncation(split, report, run.prompts.format.max_doc_tokens, config.max_trace_tokens)
+    if not started.step or started.data_changed:
+        record({"split": "data", "step": started.step,
+                **{f"{split}_{k}": v for split, report in truncation.items() for k, v in report.items()}})
+
+    checkpoint_state = {"identity": identity, "resumes": started.resumes}
+    step = _run_steps(run, config, run_dir, started.step, checkpoint_state, record)
+    final = _evaluate_heldout(run, config)
+    record({"split": "eval", "step": step, **final})
+    accelerator.wait_for_everyone()
+    if run_dir.main:
+        _write_output(run, config, out, {"model": str(student), **(source or {})}, {
+            **(info or {}),
+            "training_config": config.to_dict(),
+            "training_data": str(data),
+            "training_data_sha256": identity["data_sha256"],
+            "steps": step,
+            "metrics": final,
+            "truncation": truncation,
+            "resumes": started.resumes,
+        })  # fmt: skip
+    accelerator.wait_for_everyone()
+    return TrainResult(out, step, final, history)
+
+
+def _write_output(run: _Run, config: TrainConfig, out: Path, source: dict[str, Any], info: dict[str, Any]) -> None:
+    """The trained student as a checkpoint answerfirst.load() opens (main process), with held-out probe pairs."""
+    unwrapped = run.accelerator.unwrap_model(run.head).model
+    unwrapped.config.use_cache = True
+    if config.gradient_checkpointing:
+        unwrapped.activation_checkpointing_disable()
+    write_student(unwrapped, run.tokenizer, run.prompts, out, source=source, info={
+        **info,
+        "probe_pairs": [[r["query"], r["doc"]] for r in run.heldout_rows[:128]],
+        "student_manifest_source": (run.student_manifest.source if run.student_manifest else None),
+    })  # fmt: skip
+
+
+def _prepare(student: str | Path, data: str | Path, config: TrainConfig, accelerator: Any) -> _Run:
+    """The student, its prompt tokenizer, the examples of both splits, the step budget, and the
+    optimizer and schedule, wrapped by accelerate."""
     model, tokenizer, prompts, student_manifest = load_student(student)
     if config.max_doc_tokens is not None:
         prompts = PromptTokenizer(tokenizer, prompts.format.with_overrides(max_doc_tokens=config.max_doc_tokens))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.config.use_cache = False
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
 
     rows = load_rows(data)
     train_rows, heldout_rows = split_rows(rows, config.eval_fraction, config.seed)
@@ -594,9 +655,8 @@ def train(
     eval_examples = build_examples(prompts, heldout_rows, config.max_trace_tokens)
     if config.gamma > 0 and all(e.gold == IGNORE_INDEX for e in train_examples):
         raise ValueError("TrainConfig.gamma > 0 needs gold labels, but no training row has a 'label'; set gamma=0")
-    values = prompts.format.values
 
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(train_examples) / config.batch_size)
     steps_per_epoch = micro_per_epoch // (world * config.grad_accum)
     if steps_per_epoch < 1:
@@ -615,57 +675,33 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    return _Run(accelerator, head, optimizer, scheduler, tokenizer, prompts, student_manifest, heldout_rows,
+                train_examples, eval_examples, steps_per_epoch, total_steps)
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    logger.info(
-        "training %s on %d rows (%d held out), %d steps (%d per epoch), %d process(es)\n%s",
-        student, len(train_examples), len(eval_examples), total_steps, steps_per_epoch, world, config.describe(),
-    )
 
-    step = 0
-    history: list[dict[str, Any]] = []
-    if resume:
-        state = load_training_state(accelerator, out)
-        step = int(state["step"])
-        _check_resume(state, config, world, len(train_examples))
-        history = _read_metrics(out, upto_step=step)
-        logger.info("resumed from step %d", step)
-    elif main:
-        (out / METRICS_NAME).unlink(missing_ok=True)
-
-    def record(entry: dict[str, Any]) -> None:
-        history.append(entry)
-        if main:
-            with (out / METRICS_NAME).open("a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-            if progress is not None:
-                progress(entry)
-
-    def run_eval() -> dict[str, float]:
-        # Every rank scores a disjoint slice of the held-out rows; rank 0 computes the metrics.
-        shard = list(range(rank, len(eval_examples), world))
-        logits = predict_grade_logits(
-            head, [eval_examples[i] for i in shard], pad_id, config.batch_size * 2, accelerator.device
-        )
-        gathered = gather_object(list(zip(shard, logits.tolist(), strict=True)))
-        ordered = np.zeros((len(eval_examples), len(values)))
-        for index, row in gathered:
-            ordered[index] = row
-        return metrics_from_logits(ordered, eval_examples, values, config.temperature)
-
+def _run_steps(
+    run: _Run,
+    config: TrainConfig,
+    run_dir: RunDir,
+    step: int,
+    checkpoint_state: dict[str, Any],
+    record: Callable[[dict[str, Any]], None],
+) -> int:
+    """Optimizer steps from `step` to the budget: every rank takes a disjoint slice of each step's
+    micro-batches, DDP averages the gradients. Logs, evaluates and checkpoints on their cadences."""
+    accelerator, head = run.accelerator, run.head
+    world, rank = accelerator.num_processes, accelerator.process_index
     weights = config.loss_weights
     head.train()
     started, window_losses, window_terms = time.perf_counter(), [], {}
-    while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        order = micro_batch_order(len(train_examples), config.batch_size, config.seed, epoch)
+    while step < run.total_steps:
+        epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
+        order = micro_batch_order(len(run.train_examples), config.batch_size, config.seed, epoch)
         first = step_in_epoch * world * config.grad_accum
         micro = [order[first + a * world + rank] for a in range(config.grad_accum)]
         step_loss = 0.0
         for a, indices in enumerate(micro):
-            batch = batches_to_device(collate([train_examples[i] for i in indices], pad_id), accelerator.device)
+            batch = batches_to_device(collate([run.train_examples[i] for i in indices], run.prompts.pad_id), accelerator.device)
             sync = a == len(micro) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(head):
                 with accelerator.autocast():
@@ -675,93 +711,42 @@ def train(
             for name, value in terms.items():
                 window_terms[name] = window_terms.get(name, 0.0) + value / config.grad_accum
         accelerator.clip_grad_norm_(head.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         step += 1
         window_losses.append(step_loss)
 
-        if step % config.log_every == 0 or step == total_steps:
+        if step % config.log_every == 0 or step == run.total_steps:
             mean = torch.tensor([float(np.mean(window_losses))], device=accelerator.device)
             mean = float(accelerator.reduce(mean, reduction="mean"))
             terms_mean = {k: v / len(window_losses) for k, v in window_terms.items()}
             record({
-                "split": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean,
-                **terms_mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2),
+                "split": "train", "step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": mean,
+                **terms_mean, "lr": run.scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2),
             })
             window_losses, window_terms = [], {}
-        if config.eval_every and step % config.eval_every == 0 and step != total_steps:
-            record({"split": "eval", "step": step, **run_eval()})
-        if config.save_every and step % config.save_every == 0 and step != total_steps:
-            save_training_state(
-                accelerator, out, step,
-                {"world_size": world, "n_train": len(train_examples), "batch_size": config.batch_size,
-                 "grad_accum": config.grad_accum, "seed": config.seed},
-                config.keep_checkpoints,
-            )
-
-    final = run_eval()
-    record({"split": "eval", "step": step, **final})
-    accelerator.wait_for_everyone()
-    if main:
-        unwrapped = accelerator.unwrap_model(head).model
-        unwrapped.config.use_cache = True
-        if config.gradient_checkpointing:
-            unwrapped.gradient_checkpointing_disable()
-        probe = [[r["query"], r["doc"]] for r in heldout_rows[:128]]
-        write_student(
-            unwrapped,
-            tokenizer,
-            prompts,
-            out,
-            source={"model": str(student), **(source or {})},
-            info={
-                **(info or {}),
-                "training_config": config.to_dict(),
-                "training_data": str(data),
-                "steps": step,
-                "metrics": final,
-                "probe_pairs": probe,
-                "student_manifest_source": (student_manifest.source if student_manifest else None),
-            },
-        )
-    accelerator.wait_for_everyone()
-    return TrainResult(out, step, final, history)
+        if config.eval_every and step % config.eval_every == 0 and step != run.total_steps:
+            record({"split": "eval", "step": step, **_evaluate_heldout(run, config)})
+        if config.save_every and step % config.save_every == 0 and step != run.total_steps:
+            run_dir.save_checkpoint(step, checkpoint_state, config.keep_checkpoints)
+    return step
 
 
-def _check_resume(state: dict[str, Any], config: TrainConfig, world: int, n_train: int) -> None:
-    expected = {"world_size": world, "n_train": n_train, "batch_size": config.batch_size,
-                "grad_accum": config.grad_accum, "seed": config.seed}
-    for key, value in expected.items():
-        if key in state and state[key] != value:
-            raise ValueError(
-                f"--resume: the checkpoint was written with {key}={state[key]}, this run has {key}={value}; "
-                "resume with the same data, processes and batch settings (or start a new --out)"
-            )
+def _evaluate_heldout(run: _Run, config: TrainConfig) -> dict[str, float]:
+    """Every rank scores a disjoint slice of the held-out rows; the metrics are computed on all of them."""
+    from accelerate.utils import gather_object
 
-
-def _read_metrics(out: Path, upto_step: int) -> list[dict[str, Any]]:
-    """Keep metrics.jsonl records up to the resumed step (later ones belong to the lost run)."""
-    path = out / METRICS_NAME
-    if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        if entry.get("step", 0) <= upto_step:
-            kept.append(entry)
-    path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
-    return kept
-
-
-def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The records of a metrics.jsonl."""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            yield json.loads(line)
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    shard = list(range(rank, len(run.eval_examples), world))
+    logits = predict_grade_logits(
+        run.head, [run.eval_examples[i] for i in shard], run.prompts.pad_id, config.batch_size * 2, run.accelerator.device
+    )
+    gathered = gather_object(list(zip(shard, logits.tolist(), strict=True)))
+    ordered = np.zeros((len(run.eval_examples), len(run.values)))
+    for index, row in gathered:
+        ordered[index] = row
+    return metrics_from_logits(ordered, run.eval_examples, run.values, config.temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -773,28 +758,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", required=True, help="student checkpoint dir or hub id (its tokenizer is used)")
     parser.add_argument("--data", required=True, help="teacher.jsonl from `answerfirst label` (or gold rows for SFT)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint + answerfirst.json + metrics.jsonl)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_run_flags(parser)
     parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags below override it)")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=f"(default {default})")
-        else:
-            kind = {int: int, float: float, str: str}.get(type(default), int)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {default})")
+    add_config_flags(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data: dict[str, Any] = {}
     if args.config:
         data = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            data[f.name] = value
+    data.update(config_flag_values(args, TrainConfig))
     return TrainConfig.from_dict(data)
 
 
@@ -806,6 +779,7 @@ def run(args: argparse.Namespace) -> int:
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
         print(text, flush=True)
 
-    result = train(args.student, args.data, args.out, config, resume=args.resume, progress=show)
+    result = train(args.student, args.data, args.out, config, resume=args.resume, progress=show,
+                   allow_config_change=args.allow_config_change)
     print(f"wrote {result.out} after {result.steps} steps; held-out: {json.dumps(result.metrics)}", flush=True)
     return 0

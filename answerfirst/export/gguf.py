@@ -46,16 +46,16 @@ from answerfirst.artifact import (
 )
 from answerfirst.export.parity import ParityThresholds, log_report, measure, summary
 from answerfirst.export.parity import probe_pairs as student_probe_pairs
-from answerfirst.offline import QWEN_SPLIT_PATTERN
-from answerfirst.runtime.api import ScorerConfig
+from answerfirst.extras import missing_extra
+from answerfirst.qwen3 import QWEN_SPLIT_PATTERN, Qwen3Shape
+from answerfirst.runtime import ScorerConfig
+from answerfirst.runtime._llamacpp import FORMAT_KEY, GRADE_IDS_KEY
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "qwen3"
 GGUF_PRE_TOKENIZER = "qwen2"  # llama.cpp's name for the Qwen2/Qwen3 split regex (QWEN_SPLIT_PATTERN)
 FILE_STEM = "student"
-FORMAT_KEY = "answerfirst.format"  # JSON of AFRLFormat.to_dict()
-GRADE_IDS_KEY = "answerfirst.grade_token_ids"
 
 
 class GGUFExportError(ValueError):
@@ -159,21 +159,17 @@ def tensor_names(n_blocks: int, tied: bool) -> list[tuple[str, str]]:
 
 
 @dataclass(frozen=True)
-class Qwen3Params:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+class Qwen3Params(Qwen3Shape):
+    """The Qwen3 shape (answerfirst.qwen3) plus what a qwen3 GGUF header also states."""
+
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
     tie_word_embeddings: bool
 
     @classmethod
-    def from_config(cls, config: Any, where: str) -> Qwen3Params:
+    def read(cls, config: Any, where: str) -> Qwen3Params:
+        """From a transformers config, refusing what a qwen3 GGUF cannot express."""
         if getattr(config, "model_type", None) != "qwen3":
             raise GGUFExportError(
                 f"{where}: model_type {getattr(config, 'model_type', None)!r}; the GGUF exporter writes Qwen3 "
@@ -190,15 +186,8 @@ class Qwen3Params:
         theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
         if theta is None:
             raise GGUFExportError(f"{where}: config has no rope_theta")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
-            vocab_size=int(config.vocab_size),
-            hidden_size=int(config.hidden_size),
-            intermediate_size=int(config.intermediate_size),
-            num_hidden_layers=int(config.num_hidden_layers),
-            num_attention_heads=int(config.num_attention_heads),
-            num_key_value_heads=int(config.num_key_value_heads),
-            head_dim=int(head_dim),
+        return cls.from_config(
+            config,
             max_position_embeddings=int(config.max_position_embeddings),
             rms_norm_eps=float(config.rms_norm_eps),
             rope_theta=float(theta),
@@ -334,7 +323,7 @@ def write_gguf(
     if quant not in QUANTS or not QUANTS[quant].direct:
         raise GGUFExportError(f"write_gguf writes f32, f16 or q8_0; {quant!r} comes from llama.cpp's quantizer")
     model_dir, out_path = Path(model_dir), Path(out_path)
-    params = Qwen3Params.from_config(AutoConfig.from_pretrained(model_dir), str(model_dir))
+    params = Qwen3Params.read(AutoConfig.from_pretrained(model_dir), str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = check_tokenizer(tokenizer, str(model_dir))
     checkpoint = SafetensorsCheckpoint(model_dir)
@@ -344,42 +333,7 @@ def write_gguf(
     writer = gguf.GGUFWriter(partial, ARCHITECTURE)
     try:
         writer.add_name(model_dir.name)
-        writer.add_file_type(QUANTS[quant].file_type)
-        if quant == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        # Qwen3 hyper-parameters; key_length is needed because head_dim != hidden / heads in Qwen3-0.6B.
-        writer.add_context_length(params.max_position_embeddings)
-        writer.add_embedding_length(params.hidden_size)
-        writer.add_block_count(params.num_hidden_layers)
-        writer.add_feed_forward_length(params.intermediate_size)
-        writer.add_head_count(params.num_attention_heads)
-        writer.add_head_count_kv(params.num_key_value_heads)
-        writer.add_key_length(params.head_dim)
-        writer.add_value_length(params.head_dim)
-        writer.add_rope_freq_base(params.rope_theta)
-        writer.add_layer_norm_rms_eps(params.rms_norm_eps)
-        writer.add_vocab_size(params.vocab_size)
-        # The tokenizer: byte-level BPE ("gpt2" in llama.cpp) with Qwen's pre-tokenizer.
-        tokens, types = _token_table(tokenizer, data, params.vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(_merges(data))
-        if tokenizer.eos_token_id is not None:
-            writer.add_eos_token_id(tokenizer.eos_token_id)
-            writer.add_eot_token_id(tokenizer.eos_token_id)
-        if tokenizer.pad_token_id is not None:
-            writer.add_pad_token_id(tokenizer.pad_token_id)
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
-        if bos is not None:
-            writer.add_bos_token_id(bos)
-        writer.add_add_bos_token(False)  # Qwen prompts start with <|im_start|>, never a BOS
-        if tokenizer.chat_template:
-            writer.add_chat_template(tokenizer.chat_template)
-        writer.add_string(FORMAT_KEY, json.dumps(fmt.to_dict(), ensure_ascii=False))
-        writer.add_array(GRADE_IDS_KEY, [int(i) for i in grade_token_ids])
-
+        _write_metadata(writer, params, tokenizer, data, quant, fmt, grade_token_ids)
         for hf_name, gguf_name, qtype in plan:
             shape = checkpoint.shape(hf_name)
             nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
@@ -407,6 +361,50 @@ def write_gguf(
         raise
     os.replace(partial, out_path)
     return out_path
+
+
+def _write_metadata(
+    writer: Any, params: Qwen3Params, tokenizer: Any, data: dict[str, Any], quant: str, fmt: AFRLFormat,
+    grade_token_ids: Sequence[int],
+) -> None:
+    """The GGUF's key-value metadata: file type, Qwen3 hyper-parameters, tokenizer, our AFRL keys."""
+    import gguf
+
+    writer.add_file_type(QUANTS[quant].file_type)
+    if quant == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # Qwen3 hyper-parameters; key_length is needed because head_dim != hidden / heads in Qwen3-0.6B.
+    writer.add_context_length(params.max_position_embeddings)
+    writer.add_embedding_length(params.hidden_size)
+    writer.add_block_count(params.num_hidden_layers)
+    writer.add_feed_forward_length(params.intermediate_size)
+    writer.add_head_count(params.num_attention_heads)
+    writer.add_head_count_kv(params.num_key_value_heads)
+    writer.add_key_length(params.head_dim)
+    writer.add_value_length(params.head_dim)
+    writer.add_rope_freq_base(params.rope_theta)
+    writer.add_layer_norm_rms_eps(params.rms_norm_eps)
+    writer.add_vocab_size(params.vocab_size)
+    # The tokenizer: byte-level BPE ("gpt2" in llama.cpp) with Qwen's pre-tokenizer.
+    tokens, types = _token_table(tokenizer, data, params.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merges(data))
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+        writer.add_eot_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    writer.add_add_bos_token(False)  # Qwen prompts start with <|im_start|>, never a BOS
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_string(FORMAT_KEY, json.dumps(fmt.to_dict(), ensure_ascii=False))
+    writer.add_array(GRADE_IDS_KEY, [int(i) for i in grade_token_ids])
 
 
 def quantize_gguf(source: Path, out_path: Path, quant: str, threads: int | None = None) -> Path:
@@ -535,59 +533,18 @@ def export_gguf(
         },
     )
 
-    def save(variant: Variant) -> None:
-        manifest.variants = [v for v in manifest.variants if v.name != variant.name] + [variant]
-        manifest.variants.sort(key=lambda v: list(QUANTS).index(v.name))
-        manifest.write(out_dir)
-
     manifest.write(out_dir)
-    # 1. direct files (F32 / F16 / Q8_0), and a temporary F32 source if K-quants need one
     k_quants = [q for q in wanted if not QUANTS[q].direct]
     source_quant = next((q for q in ("f32", "f16") if q in wanted), None)
-    temp_dir = None
-    k_source: Path | None = None
-    if k_quants and source_quant is None:
-        temp_dir = Path(tempfile.mkdtemp(prefix="answerfirst-gguf-", dir=out_dir))
-        k_source = temp_dir / variant_file("f32")
-    elif k_quants:
-        k_source = out_dir / variant_file(source_quant)
-    try:
-        to_write = [q for q in wanted if QUANTS[q].direct]
-        for quant in to_write:
-            path = out_dir / variant_file(quant)
-            if quant in done and path.is_file():
-                logger.info("gguf %s: %s already written, kept (resume)", quant, path.name)
-                save(Variant(quant, path.name, quant, done[quant].parity))
-                continue
-            logger.info("gguf %s: writing %s", quant, path.name)
-            with _progress_bar(progress, f"write {quant}") as bar:
-                write_gguf(model_dir, path, quant, fmt, grade_ids, progress=bar)
-            save(Variant(quant, path.name, quant, None))
-        if temp_dir is not None and any(q not in done for q in k_quants):
-            logger.info("gguf: writing a temporary F32 file as the K-quant source")
-            with _progress_bar(progress, "write f32 (temporary)") as bar:
-                write_gguf(model_dir, k_source, "f32", fmt, grade_ids, progress=bar)
-        # 2. K-quants by llama.cpp's quantizer
-        for quant in k_quants:
-            path = out_dir / variant_file(quant)
-            if quant in done and path.is_file():
-                logger.info("gguf %s: %s already written, kept (resume)", quant, path.name)
-                save(Variant(quant, path.name, quant, done[quant].parity))
-                continue
-            logger.info("gguf %s: quantizing %s -> %s with llama.cpp", quant, k_source.name, path.name)
-            quantize_gguf(k_source, path, quant, threads)
-            save(Variant(quant, path.name, quant, None))
-    finally:
-        if temp_dir is not None:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+    _write_files(model_dir, out_dir, manifest, wanted, done, source_quant, threads, progress)
 
     # 3. parity of every variant against torch fp32 on the probe pairs
     pending = [v for v in manifest.variants if v.parity is None]
     if pending:
         reference = _torch_scores(model_dir, pairs, threads)
         for v in pending:
-            v.parity = _variant_parity(out_dir, manifest, v, pairs, reference, threads)
-            save(v)
+            v.parity = _variant_parity(out_dir, v, pairs, reference, threads)
+            _save_variant(manifest, out_dir, v)
     manifest.info["export"].update(
         complete=True,
         k_quant_source=(source_quant or "f32 (temporary)") if k_quants else None,
@@ -600,27 +557,85 @@ def export_gguf(
     return manifest
 
 
+def _save_variant(manifest: Manifest, out_dir: Path, variant: Variant) -> None:
+    """Add or replace a variant (fastest first) and rewrite the manifest: a rerun resumes from here."""
+    manifest.variants = [v for v in manifest.variants if v.name != variant.name] + [variant]
+    manifest.variants.sort(key=lambda v: list(QUANTS).index(v.name))
+    manifest.write(out_dir)
+
+
+def _write_files(
+    model_dir: Path,
+    out_dir: Path,
+    manifest: Manifest,
+    wanted: Sequence[str],
+    done: dict[str, Variant],
+    source_quant: str | None,
+    threads: int | None,
+    progress: bool,
+) -> None:
+    """1. the files written here (F32 / F16 / Q8_0), 2. the K-quants by llama.cpp's quantizer, from the
+    F32 or F16 file requested, else a temporary F32 one. Files a previous run finished (`done`) stay."""
+    fmt, grade_ids = manifest.format, manifest.grade_token_ids
+    k_quants = [q for q in wanted if not QUANTS[q].direct]
+    temp_dir = None
+    k_source: Path | None = None
+    if k_quants and source_quant is None:
+        temp_dir = Path(tempfile.mkdtemp(prefix="answerfirst-gguf-", dir=out_dir))
+        k_source = temp_dir / variant_file("f32")
+    elif k_quants:
+        k_source = out_dir / variant_file(source_quant)
+
+    def kept(quant: str, path: Path) -> bool:
+        if quant in done and path.is_file():
+            logger.info("gguf %s: %s already written, kept (resume)", quant, path.name)
+            _save_variant(manifest, out_dir, Variant(quant, path.name, quant, done[quant].parity))
+            return True
+        return False
+
+    try:
+        for quant in [q for q in wanted if QUANTS[q].direct]:
+            path = out_dir / variant_file(quant)
+            if kept(quant, path):
+                continue
+            logger.info("gguf %s: writing %s", quant, path.name)
+            with _progress_bar(progress, f"write {quant}") as bar:
+                write_gguf(model_dir, path, quant, fmt, grade_ids, progress=bar)
+            _save_variant(manifest, out_dir, Variant(quant, path.name, quant, None))
+        if temp_dir is not None and any(q not in done for q in k_quants):
+            logger.info("gguf: writing a temporary F32 file as the K-quant source")
+            with _progress_bar(progress, "write f32 (temporary)") as bar:
+                write_gguf(model_dir, k_source, "f32", fmt, grade_ids, progress=bar)
+        for quant in k_quants:
+            path = out_dir / variant_file(quant)
+            if kept(quant, path):
+                continue
+            logger.info("gguf %s: quantizing %s -> %s with llama.cpp", quant, k_source.name, path.name)
+            quantize_gguf(k_source, path, quant, threads)
+            _save_variant(manifest, out_dir, Variant(quant, path.name, quant, None))
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def _torch_scores(model_dir: Path, pairs: list[tuple[str, str]], threads: int | None) -> list[Any]:
-    from answerfirst.runtime.api import load
+    from answerfirst.runtime import load
 
     reference = load(model_dir, backend="torch", threads=threads)
     return reference.score_pairs(pairs)
 
 
 def _variant_parity(
-    out_dir: Path, manifest: Manifest, variant: Variant, pairs: list[tuple[str, str]], reference: list[Any], threads: int | None
+    out_dir: Path, variant: Variant, pairs: list[tuple[str, str]], reference: list[Any], threads: int | None
 ) -> dict[str, Any]:
-    """Score the probe pairs with this file (PARITY_CONFIG)."""
-    from answerfirst.runtime._llamacpp import open_gguf
-    from answerfirst.runtime.api import Scorer
+    """Score the probe pairs with this file (PARITY_CONFIG), opened as the runtime opens the export."""
+    from answerfirst.runtime import load
 
-    config = PARITY_CONFIG
-    adapter, prompts = open_gguf(out_dir, manifest, threads, variant.name, config)
+    scorer = load(out_dir, variant=variant.name, threads=threads, config=PARITY_CONFIG)
     try:
-        scorer = Scorer(adapter, prompts, config, manifest)
         report = measure(reference, lambda: scorer.score_pairs(pairs), QUANTS[variant.name].thresholds)
     finally:
-        adapter.close()
+        scorer.close()
     report["kv_cache_type"] = "f32"
     log_report(f"gguf {variant.name}", report)
     return report
@@ -653,8 +668,8 @@ class _progress_bar:
 def _import_gguf() -> Any:
     try:
         import gguf
-    except ImportError:
-        raise ImportError('the GGUF export needs the gguf package: pip install "answerfirst[gguf]"') from None
+    except ImportError as e:
+        raise missing_extra("the GGUF export", "train", e) from None
     return gguf
 
 

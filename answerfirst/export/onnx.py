@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,9 @@ from answerfirst.artifact import (
 )
 from answerfirst.export.parity import ParityThresholds, log_report, measure, summary
 from answerfirst.export.parity import probe_pairs as default_probe_pairs
+from answerfirst.extras import missing_extra
+from answerfirst.qwen3 import Qwen3Shape
+from answerfirst.runtime import Scorer, ScorerConfig
 from answerfirst.runtime._onnx import (
     GRAPH_VERSION,
     META_GRADE_IDS,
@@ -59,7 +62,6 @@ from answerfirst.runtime._onnx import (
     import_onnxruntime,
     open_session,
 )
-from answerfirst.runtime.api import Scorer, ScorerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +122,15 @@ def _scoring_graph_class() -> type:
 
         def __init__(self, model: Any, grade_ids: Sequence[int]):
             super().__init__()
-            config = model.config
+            shape = Qwen3Shape.from_config(model.config)
             body = model.model
             self.embed = body.embed_tokens
             self.layers = body.layers
             self.norm = body.norm
             self.lm_head = model.get_output_embeddings()
-            self.num_heads = config.num_attention_heads
-            self.kv_heads = config.num_key_value_heads
-            self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            self.num_heads = shape.num_attention_heads
+            self.kv_heads = shape.num_key_value_heads
+            self.head_dim = shape.head_dim
             self.scaling = self.head_dim**-0.5
             self.rope_scaling = float(body.rotary_emb.attention_scaling)
             self.register_buffer("inv_freq", body.rotary_emb.inv_freq.detach().float().clone(), persistent=False)
@@ -138,7 +140,6 @@ def _scoring_graph_class() -> type:
         def forward(self, input_ids, lengths, kv_rows, vocab_rows, *past):
             batch, seq = input_ids.shape
             past_len = past[0].shape[2]
-            groups = self.num_heads // self.kv_heads
 
             positions = torch.arange(seq, dtype=torch.int64) + past_len  # (T,)
             freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, d/2)
@@ -152,30 +153,8 @@ def _scoring_graph_class() -> type:
             hidden = self.embed(input_ids)  # (B, T, H)
             presents = []
             for i, layer in enumerate(self.layers):
-                attn = layer.self_attn
                 past_k, past_v = past[2 * i], past[2 * i + 1]  # (1, kv, P, d)
-                x = layer.input_layernorm(hidden)
-                q = attn.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-                k = attn.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
-                v = attn.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
-                if hasattr(attn, "q_norm"):
-                    q, k = attn.q_norm(q), attn.k_norm(k)
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-
-                # GQA without repeat_kv: query head h reads kv head h // groups.
-                q5 = q.reshape(batch, self.kv_heads, groups, seq, self.head_dim)  # (B, kv, g, T, d)
-                scores_past = torch.matmul(q5, past_k.unsqueeze(2).transpose(-1, -2)) * self.scaling  # (B, kv, g, T, P)
-                scores_new = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * self.scaling + causal  # (B, kv, g, T, T)
-                weights = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1)
-                out = torch.matmul(weights[..., :past_len], past_v.unsqueeze(2)) + torch.matmul(
-                    weights[..., past_len:], v.unsqueeze(2)
-                )  # (B, kv, g, T, d)
-                out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2)
-                hidden = hidden + attn.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
+                hidden, k, v = _decoder_layer(self, layer, hidden, past_k, past_v, cos, sin, causal, (batch, seq, past_len))
                 # (N, kv, P+T, d) for the requested rows only; N = 0 while scoring
                 keep = kv_rows.shape[0]
                 presents.append(torch.cat((past_k.expand(keep, -1, -1, -1), k.index_select(0, kv_rows)), dim=2))
@@ -188,11 +167,47 @@ def _scoring_graph_class() -> type:
             next_token_logits = F.linear(last.index_select(0, vocab_rows), self.lm_head.weight)  # (M, V)
             return (grade_logits, next_token_logits, *presents)
 
-    def _rotate_half(x):
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
     return ScoringGraph
+
+
+def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, causal, sizes):
+    """One decoder layer over the new tokens, attending to the shared prefix KV and causally to
+    themselves. Returns the new hidden states and this layer's K, V of the new tokens. `graph`: the
+    ScoringGraph (head counts, head_dim, scaling)."""
+    import torch
+
+    batch, seq, past_len = sizes
+    groups = graph.num_heads // graph.kv_heads
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(batch, seq, graph.num_heads, graph.head_dim)
+    k = attn.k_proj(x).view(batch, seq, graph.kv_heads, graph.head_dim)
+    v = attn.v_proj(x).view(batch, seq, graph.kv_heads, graph.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+
+    # GQA without repeat_kv: query head h reads kv head h // groups.
+    q5 = q.reshape(batch, graph.kv_heads, groups, seq, graph.head_dim)  # (B, kv, g, T, d)
+    scores_past = torch.matmul(q5, past_k.unsqueeze(2).transpose(-1, -2)) * graph.scaling  # (B, kv, g, T, P)
+    scores_new = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * graph.scaling + causal  # (B, kv, g, T, T)
+    weights = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1)
+    out = torch.matmul(weights[..., :past_len], past_v.unsqueeze(2)) + torch.matmul(
+        weights[..., past_len:], v.unsqueeze(2)
+    )  # (B, kv, g, T, d)
+    out = out.reshape(batch, graph.num_heads, seq, graph.head_dim).transpose(1, 2)
+    hidden = hidden + attn.o_proj(out.reshape(batch, seq, graph.num_heads * graph.head_dim))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, k, v
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _check_architecture(model: Any) -> None:
@@ -389,21 +404,12 @@ def export_onnx(
     import_onnxruntime()
     try:
         import onnx  # noqa: F401
-    except ImportError:
-        raise ImportError('exporting to ONNX needs the onnx package: pip install "answerfirst[onnx]"') from None
-    from answerfirst.runtime.api import load
+    except ImportError as e:
+        raise missing_extra("exporting to ONNX", "train", e) from None
+    from answerfirst.runtime import load
 
     model_dir, out = Path(model_dir), Path(out_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir} is not a directory; give a student checkpoint (e.g. artifacts/student)")
-    if out.resolve() == model_dir.resolve():
-        raise ValueError("--out must differ from --model: the export directory gets its own answerfirst.json")
-    student_manifest = Manifest.read(model_dir) if has_manifest(model_dir) else None
-    if student_manifest is not None and student_manifest.kind != "checkpoint":
-        raise ValueError(f"{model_dir} is a {student_manifest.kind} export, not a checkpoint; export from the student checkpoint")
-    pairs = [(str(q), str(d)) for q, d in probe_pairs] if probe_pairs is not None else default_probe_pairs(student_manifest)
-    if not pairs:
-        raise ValueError("probe_pairs is empty; parity needs at least one (query, doc) pair")
+    student_manifest, pairs = _check_inputs(model_dir, out, probe_pairs)
     started = time.perf_counter()
     logger.info("export onnx: %s -> %s (%s)", model_dir, out, asdict(config))
 
@@ -413,17 +419,7 @@ def export_onnx(
     sha = checkpoint_hash(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answerfirst.json").unlink(missing_ok=True)  # no manifest until every file it names is complete
-
-    metadata = {
-        META_GRAPH_VERSION: GRAPH_VERSION,
-        META_GRADE_IDS: json.dumps(list(prompts.grade_ids)),
-        META_LAYERS: str(model.config.num_hidden_layers),
-        META_KV_HEADS: str(model.config.num_key_value_heads),
-        META_HEAD_DIM: str(getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads),
-        META_VOCAB: str(model.config.vocab_size),
-        META_SOURCE_SHA: sha,
-        META_MAX_POSITIONS: str(model.config.max_position_embeddings),
-    }
+    metadata = _graph_metadata(model, prompts.grade_ids, sha)
 
     fp32_path = out / FP32_FILE
     step = _Steps(2 + (1 if config.int8 else 0))
@@ -435,63 +431,38 @@ def export_onnx(
 
     step("scoring %d probe pairs with torch (reference) and fp32 onnx", len(pairs))
     ref_scores = reference.score_pairs(pairs)
-    pad_id = reference.backend.pad_id
-    fp32_report = _parity(fp32_path, pad_id, prompts, ref_scores, pairs, FP32_THRESHOLDS, threads, prepack=True)
+
+    def parity(path: Path, thresholds: ParityThresholds, prepack: bool) -> dict[str, Any]:
+        return _parity(path, prompts.pad_id, prompts, ref_scores, pairs, thresholds, threads, prepack)
+
+    fp32_report = parity(fp32_path, FP32_THRESHOLDS, prepack=True)
     log_report("onnx fp32", fp32_report)
     variants = [Variant("fp32", FP32_FILE, "fp32", fp32_report)]
     info: dict[str, Any] = {"exporter": "torch.onnx (TorchScript)", "opset": config.opset, "export_config": asdict(config)}
-
     if config.int8:
         schemes = ["per-channel", "per-tensor"] if config.int8_scheme == "auto" else [config.int8_scheme]
-        int8_path = out / INT8_FILE
         step("quantizing to int8 (%s) and scoring the probe pairs", " vs ".join(schemes))
-        candidates: dict[str, dict[str, Any]] = {}
-        best: tuple[Any, str, Path] | None = None
-        for scheme in schemes:
-            path = out / f".{scheme}.{INT8_FILE}" if len(schemes) > 1 else int8_path
-            meta = {**metadata, "answerfirst.quantization": f"int8-dynamic-{scheme}"}
-            if not _reusable(path, meta, config.force):
-                _quantize_int8(fp32_path, path, per_channel=scheme == "per-channel", metadata=meta)
-            report = _parity(path, pad_id, prompts, ref_scores, pairs, INT8_THRESHOLDS, threads, prepack=False)
-            candidates[scheme] = report
-            rank = (report["passed"], *(_or_worst(report[k], sign) for k, sign in RANK_KEYS))
-            logger.info("int8 %s: %s", scheme, summary(report))
-            if best is None or rank > best[0]:
-                best = (rank, scheme, path)
-        assert best is not None
-        _, scheme, path = best
-        if path != int8_path:
-            _move_graph(path, int8_path)
-        for other in schemes:
-            _remove_graph(out / f".{other}.{INT8_FILE}")
-        int8_report = candidates[scheme]
-        log_report(f"onnx int8 ({scheme})", int8_report)
-        variants.insert(0, Variant("int8", INT8_FILE, f"int8-dynamic-{scheme}", int8_report))  # fastest first
-        info["int8"] = {
-            "scheme": scheme,
-            "chosen_by": "measured" if len(schemes) > 1 else "given",
-            "candidates": {s: {k: r[k] for k in ("grade_agreement", "spearman_expected", "max_abs_dp", "passed")}
-                           for s, r in candidates.items()},
-            "quantized_ops": ["MatMul"],
-            "note": "dynamic quantization: int8 weights, uint8 activations quantized per call; the embedding "
-                    "and the vocabulary head (explanations only) stay fp32",
-        }
+        int8_variant, info["int8"] = _export_int8(out, fp32_path, metadata, schemes, config.force, parity)
+        variants.insert(0, int8_variant)  # fastest first
     else:
         _remove_graph(out / INT8_FILE)  # an int8 graph of an earlier run would not match this manifest
 
     step("writing tokenizer and answerfirst.json")
+    info["export_seconds"] = round(time.perf_counter() - started, 1)
+    return _write_manifest(out, model_dir, sha, prompts, variants, info, pairs, student_manifest)
+
+
+def _write_manifest(
+    out: Path, model_dir: Path, sha: str, prompts: Any, variants: list[Variant], info: dict[str, Any],
+    pairs: list[tuple[str, str]], student_manifest: Manifest | None,
+) -> Manifest:
+    """The tokenizer and answerfirst.json, written last: a manifest names only complete files (with
+    their sizes and sha256, the tokenizer's included)."""
     tokenizer_files = [Path(f).name for f in prompts.tokenizer.save_pretrained(out)]
     info["probe_pairs"] = [list(p) for p in pairs]
-    info["export_seconds"] = round(time.perf_counter() - started, 1)
     info["student_info"] = {k: v for k, v in (student_manifest.info if student_manifest else {}).items() if k != "probe_pairs"}
-    manifest = Manifest(
-        kind="onnx",
-        format=prompts.format,
-        grade_token_ids=prompts.grade_ids,
-        source={"model": str(model_dir), "sha256": sha},
-        variants=variants,
-        info=info,
-    )
+    manifest = Manifest(kind="onnx", format=prompts.format, grade_token_ids=prompts.grade_ids,
+                        source={"model": str(model_dir), "sha256": sha}, variants=variants, info=info)
     finalize_files(manifest, out, [name for v in variants for name in (v.file, v.file + ".data")] + tokenizer_files)
     manifest.write(out)
     failed = [v.name for v in variants if not v.parity_passed]
@@ -502,6 +473,81 @@ def export_onnx(
         )
     logger.info("export onnx: done in %.1f s", info["export_seconds"])
     return manifest
+
+
+def _check_inputs(
+    model_dir: Path, out: Path, probe_pairs: Sequence[tuple[str, str]] | None
+) -> tuple[Manifest | None, list[tuple[str, str]]]:
+    """The student's manifest (None for a plain HF checkpoint) and the parity probe pairs."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir} is not a directory; give a student checkpoint (e.g. artifacts/student)")
+    if out.resolve() == model_dir.resolve():
+        raise ValueError("--out must differ from --model: the export directory gets its own answerfirst.json")
+    student_manifest = Manifest.read(model_dir) if has_manifest(model_dir) else None
+    if student_manifest is not None and student_manifest.kind != "checkpoint":
+        raise ValueError(f"{model_dir} is a {student_manifest.kind} export, not a checkpoint; export from the student checkpoint")
+    pairs = [(str(q), str(d)) for q, d in probe_pairs] if probe_pairs is not None else default_probe_pairs(student_manifest)
+    if not pairs:
+        raise ValueError("probe_pairs is empty; parity needs at least one (query, doc) pair")
+    return student_manifest, pairs
+
+
+def _graph_metadata(model: Any, grade_ids: Sequence[int], sha: str) -> dict[str, str]:
+    """What every graph records about itself; the runtime checks it against the manifest."""
+    shape = Qwen3Shape.from_config(model.config)
+    return {
+        META_GRAPH_VERSION: GRAPH_VERSION,
+        META_GRADE_IDS: json.dumps(list(grade_ids)),
+        META_LAYERS: str(shape.num_hidden_layers),
+        META_KV_HEADS: str(shape.num_key_value_heads),
+        META_HEAD_DIM: str(shape.head_dim),
+        META_VOCAB: str(shape.vocab_size),
+        META_SOURCE_SHA: sha,
+        META_MAX_POSITIONS: str(model.config.max_position_embeddings),
+    }
+
+
+def _export_int8(
+    out: Path,
+    fp32_path: Path,
+    metadata: dict[str, str],
+    schemes: list[str],
+    force: bool,
+    parity: Callable[[Path, ParityThresholds, bool], dict[str, Any]],
+) -> tuple[Variant, dict[str, Any]]:
+    """Quantize with each scheme, score each against torch, keep the best (passed, then agreement,
+    then Spearman, then max |dp|: RANK_KEYS) as score_int8.onnx. Returns its variant and the manifest's int8 notes."""
+    int8_path = out / INT8_FILE
+    candidates: dict[str, dict[str, Any]] = {}
+    best: tuple[Any, str, Path] | None = None
+    for scheme in schemes:
+        path = out / f".{scheme}.{INT8_FILE}" if len(schemes) > 1 else int8_path
+        meta = {**metadata, "answerfirst.quantization": f"int8-dynamic-{scheme}"}
+        if not _reusable(path, meta, force):
+            _quantize_int8(fp32_path, path, per_channel=scheme == "per-channel", metadata=meta)
+        report = parity(path, INT8_THRESHOLDS, False)
+        candidates[scheme] = report
+        rank = (report["passed"], *(_or_worst(report[k], sign) for k, sign in RANK_KEYS))
+        logger.info("int8 %s: %s", scheme, summary(report))
+        if best is None or rank > best[0]:
+            best = (rank, scheme, path)
+    assert best is not None
+    _, scheme, path = best
+    if path != int8_path:
+        _move_graph(path, int8_path)
+    for other in schemes:
+        _remove_graph(out / f".{other}.{INT8_FILE}")
+    log_report(f"onnx int8 ({scheme})", candidates[scheme])
+    notes = {
+        "scheme": scheme,
+        "chosen_by": "measured" if len(schemes) > 1 else "given",
+        "candidates": {s: {k: r[k] for k in ("grade_agreement", "spearman_expected", "max_abs_dp", "passed")}
+                       for s, r in candidates.items()},
+        "quantized_ops": ["MatMul"],
+        "note": "dynamic quantization: int8 weights, uint8 activations quantized per call; the embedding "
+                "and the vocabulary head (explanations only) stay fp32",
+    }  # fmt: skip
+    return Variant("int8", INT8_FILE, f"int8-dynamic-{scheme}", candidates[scheme]), notes
 
 
 class _Steps:

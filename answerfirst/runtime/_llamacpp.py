@@ -38,13 +38,16 @@ from typing import Any
 import numpy as np
 
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
-from answerfirst.artifact import Manifest, check_file_sizes
+from answerfirst.artifact import Manifest, bind_format, check_file_sizes
+from answerfirst.extras import missing_extra
+from answerfirst.runtime._common import ScorerConfig
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
-from answerfirst.runtime.api import ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("qwen3",)
+# Our keys in a GGUF's metadata (export/gguf.py writes them, llama.cpp ignores them): the AFRL format
+# as JSON of AFRLFormat.to_dict(), and the grade token ids, so a lone .gguf file scores correctly.
 FORMAT_KEY = "answerfirst.format"
 GRADE_IDS_KEY = "answerfirst.grade_token_ids"
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
@@ -62,10 +65,10 @@ class GGUFError(ValueError):
 def import_llama_cpp() -> Any:
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as e:
+        error = missing_extra("the GGUF backend", "gguf", e)
         raise ImportError(
-            'the GGUF backend needs llama-cpp-python: pip install "answerfirst[gguf]" '
-            '(it builds llama.cpp from source; CMAKE_ARGS="-DGGML_NATIVE=OFF" gives a portable build)'
+            f'{error} (it builds llama.cpp from source; CMAKE_ARGS="-DGGML_NATIVE=OFF" gives a portable build)'
         ) from None
     return llama_cpp
 
@@ -111,8 +114,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     metadata as {key: python value}. Raises GGUFError naming the problem and the fix."""
     try:
         import gguf
-    except ImportError:
-        raise ImportError('reading GGUF files needs the gguf package: pip install "answerfirst[gguf]"') from None
+    except ImportError as e:
+        raise missing_extra("reading a .gguf file without answerfirst.json", "gguf", e) from None
     size = path.stat().st_size
     try:
         reader = gguf.GGUFReader(path)
@@ -141,7 +144,7 @@ def tokenizer_from_metadata(metadata: dict[str, Any]) -> ArtifactTokenizer:
     types (CONTROL = special, USER_DEFINED = plain added token), and the GGUF's chat template."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from answerfirst.offline import QWEN_SPLIT_PATTERN
+    from answerfirst.qwen3 import QWEN_SPLIT_PATTERN
 
     pre = metadata.get("tokenizer.ggml.pre")
     if pre != "qwen2":
@@ -241,7 +244,7 @@ def open_gguf(
         beside = (path.parent / TOKENIZER_FILE).is_file()
         tokenizer = _tokenizer_from_dir(path.parent) if beside else tokenizer_from_metadata(metadata)
         format_manifest = _manifest_from_metadata(metadata)
-    prompts = bind_format(tokenizer, format_manifest, config, where)
+    prompts = bind_format(tokenizer, format_manifest, where, config.max_doc_tokens)
     backend = LlamaCppBackend(llama_cpp, path, prompts.grade_ids, threads, config)
     if max(prompts.grade_ids) >= backend.n_vocab:
         backend.close()
@@ -499,4 +502,7 @@ class LlamaCppBackend:
             pass
 
 
-__all__ = ["GGUFError", "LlamaCppBackend", "open_gguf", "read_gguf_metadata", "tokenizer_from_metadata"]
+__all__ = [
+    "FORMAT_KEY", "GRADE_IDS_KEY", "GGUFError", "LlamaCppBackend", "import_llama_cpp", "open_gguf", "read_gguf_metadata",
+    "route_llama_logs", "tokenizer_from_metadata",
+]

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from answerfirst.artifact import Manifest, ManifestError, Variant, check_file_sizes
+from answerfirst.artifact import Manifest, ManifestError, Variant, bind_format, check_file_sizes
+from answerfirst.extras import missing_extra
+from answerfirst.runtime._common import PrefixCache, ScorerConfig
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
-from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,12 @@ GRAPH_VERSION = "1"
 # The prompt limit of a graph exported before META_MAX_POSITIONS was recorded (Qwen3's own is 40960).
 UNRECORDED_MAX_POSITIONS = 32768
 
-_ONNX_INSTALL = 'pip install "answerfirst[onnx]"'
-
 
 def import_onnxruntime() -> Any:
     try:
         import onnxruntime
-    except ImportError:
-        raise ImportError(f"the onnx backend needs onnxruntime, which is not installed: {_ONNX_INSTALL}") from None
+    except ImportError as e:
+        raise missing_extra("the onnx backend", "onnx", e) from None
     return onnxruntime
 
 
@@ -93,7 +92,12 @@ def open_session(path: Path, threads: int | None, prepack: bool = True, profile_
 
 
 class OnnxBackend:
-    """Adapter for answerfirst.runtime.api.Scorer over one ONNX Runtime session."""
+    """The Backend protocol over one ONNX Runtime session of an answerfirst scoring graph.
+
+    The exporter (parity of a graph not yet in a manifest) and bench/profile.py (a profiling
+    session) build one from `open_session(...)` and the prompt tokenizer's pad id; `session` is
+    public for what they read from it (the profiler's output).
+    """
 
     name = "onnx"
 
@@ -243,13 +247,14 @@ def open_onnx(
         tokenizer = ArtifactTokenizer.from_dir(location)
     except ValueError as e:
         raise ManifestError(f"{location}: the export's tokenizer files are missing or unreadable ({e}); re-export") from None
-    prompts = bind_format(tokenizer, manifest, config, where=str(location))
+    prompts = bind_format(tokenizer, manifest, str(location), config.max_doc_tokens)
     path = location / chosen.file
-    backend = OnnxBackend(open_session(path, threads, prepacks(chosen)), pad_id=_pad_id(tokenizer, prompts), where=str(path))
+    backend = OnnxBackend(open_session(path, threads, prepacks(chosen)), pad_id=prompts.pad_id, where=str(path))
     check_graph_matches_manifest(backend, manifest, str(path))
     return backend, prompts
 
 
-def _pad_id(tokenizer: Any, prompts: Any) -> int:
-    # Any id works: right-padded pads sit after every real token and causal attention never reads them.
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
+__all__ = [
+    "GRAPH_VERSION", "META_GRADE_IDS", "META_GRAPH_VERSION", "META_HEAD_DIM", "META_KV_HEADS", "META_LAYERS",
+    "META_MAX_POSITIONS", "META_SOURCE_SHA", "META_VOCAB", "OnnxBackend", "import_onnxruntime", "open_onnx", "open_session", "prepacks",
+]

@@ -67,7 +67,10 @@ class ArtifactTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         """Rendered by transformers, imported only here: an artifact without a stored AFRL format."""
-        from transformers import PreTrainedTokenizerFast
+        from answerfirst.extras import requires
+
+        with requires("torch", "rendering the chat template of a GGUF file without answerfirst metadata"):
+            from transformers import PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=self.backend_tokenizer, eos_token=self.eos_token,
                                             pad_token=self.pad_token, clean_up_tokenization_spaces=False)

@@ -14,15 +14,25 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from answerfirst.artifact import Manifest, ManifestError
-from answerfirst.runtime.api import PrefixCache, ScorerConfig, bind_format
+from answerfirst.artifact import Manifest, ManifestError, bind_format
+from answerfirst.extras import missing_extra, requires
+from answerfirst.runtime._common import PrefixCache, ScorerConfig
+
+with requires("torch", "the torch backend"):
+    import torch
 
 logger = logging.getLogger(__name__)
 
 
 class TorchBackend:
+    """The Backend protocol over a transformers causal LM.
+
+    Public beyond the protocol, for the kit's own torch tools (distill/label.py generates teacher
+    traces with it, export/onnx.py traces its modules): `model`, the transformers model in eval
+    mode, and `device`, the torch device it runs on.
+    """
+
     name = "torch"
 
     def __init__(self, model: Any, grade_ids: Sequence[int], pad_id: int, device: torch.device, artifact: str = "model"):
@@ -49,7 +59,7 @@ class TorchBackend:
             past, offset = self._prefix_cache(prefix_ids, batch_size=len(continuations)), len(prefix_ids)
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device).expand_as(input_ids)
         hidden = self.model.model(
-            input_ids=input_ids, past_key_values=past, position_ids=positions, use_cache=past is not None
+            input_ids=input_ids, cache=past, position_ids=positions, use_cache=past is not None
         ).last_hidden_state  # (B, T, H)
         last = hidden[torch.arange(len(continuations), device=self.device), lengths - 1]  # (B, H)
         return (last.float() @ self.grade_head.T).cpu().numpy()  # (B, K) grade logits
@@ -71,7 +81,7 @@ class TorchBackend:
 
     def _run_prefix(self, prefix_ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
-        past = self.model.model(input_ids=ids, use_cache=True).past_key_values
+        past = self.model.model(input_ids=ids, use_cache=True).cache
         return [(layer.keys, layer.values) for layer in past.layers]
 
     @torch.inference_mode()
@@ -80,8 +90,8 @@ class TorchBackend:
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
         past = None
         for _ in range(max_new_tokens):
-            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            out = self.model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=1)
+            past = out.cache
             next_id = int(out.logits[0, -1].argmax())
             yield next_id
             ids = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
@@ -95,7 +105,8 @@ def open_torch(
     quantization: str | None,
     config: ScorerConfig,
 ) -> tuple[TorchBackend, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with requires("torch", "the torch backend"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
@@ -106,7 +117,7 @@ def open_torch(
             f"could not load a tokenizer from {path!r} (not a checkpoint directory, and no hub is reachable "
             f"to resolve it as a model id): {e}"
         ) from None
-    prompts = bind_format(tokenizer, manifest, config, where=path)
+    prompts = bind_format(tokenizer, manifest, path, config.max_doc_tokens)
 
     kwargs: dict[str, Any] = {}
     if quantization is not None:
@@ -124,8 +135,7 @@ def open_torch(
     model.eval()
     if model.config.vocab_size <= max(prompts.grade_ids):
         raise ManifestError(f"{path}: grade token ids {list(prompts.grade_ids)} exceed the model's vocabulary")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.suffix_ids[-1]
-    backend = TorchBackend(model, prompts.grade_ids, pad_id, torch.device(device), artifact=path)
+    backend = TorchBackend(model, prompts.grade_ids, prompts.pad_id, torch.device(device), artifact=path)
     if threads is not None:
         set_threads(backend, threads)
     return backend, prompts
@@ -152,12 +162,13 @@ def set_threads(backend: TorchBackend, threads: int) -> None:
 def _bitsandbytes_config(quantization: str) -> Any:
     try:
         import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            f'quantization={quantization!r} needs bitsandbytes: pip install "answerfirst[quant]"'
-        ) from None
+    except ImportError as e:
+        raise missing_extra(f"quantization={quantization!r}", "torch", e) from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+__all__ = ["TorchBackend", "open_torch"]

@@ -1,17 +1,16 @@
 """The embedding API: `load(path) -> Scorer`, `Scorer.score(query, docs)`, `score(query, doc_or_docs)`.
 
 A Scorer owns the AFRL prompt tokenizer (answerfirst.afrl) and one backend adapter, picked once at
-load. Every adapter answers the same two calls:
+load. Every adapter answers the same calls (runtime/_common.Backend):
 
     grade_logits(prefix_ids, continuations) -> (B, K) float array
-        prefix_ids: the shared rubric+query prefix whose KV the adapter computes once and reuses
-        for every continuation (doc + suffix); None when continuations are whole prompts.
     generate(input_ids, max_new_tokens) -> Iterator[int]
-        greedy next-token ids after `input_ids`, using the adapter's KV cache.
 
 and states what it runs and how long a prompt may be (`artifact`, `max_positions`, `context_note`),
 so tokenization, length bucketing, the input limits, the score formula (with its refusal of
-non-finite logits) and explanation streaming live here once, for every backend.
+non-finite logits) and explanation streaming live here once, for every backend. The adapters are
+imported inside load(), only the one the artifact needs, and never import this module (what they
+share with it is in _common.py).
 
 score() is plan() + run_pass() per forward pass + ScoringPlan.scores(): a caller that schedules the
 passes itself (the HTTP server interleaves the passes of concurrent requests) calls the same three
@@ -24,14 +23,14 @@ import itertools
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from answerfirst import artifact
 from answerfirst.afrl import (
     FormatError,
     Prompt,
@@ -43,20 +42,19 @@ from answerfirst.afrl import (
 )
 from answerfirst.artifact import (
     Manifest,
-    ManifestError,
+    artifact_kind,
     check_checkpoint_files,
-    has_manifest,
     variant_files,
     verify_checksums,
 )
+from answerfirst.runtime._common import DEFAULT_MAX_QUERY_TOKENS, Backend, PrefixCache, ScorerConfig
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx", "gguf")
-_KIND_TO_BACKEND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}
+BACKEND_OF_KIND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}  # artifact.artifact_kind -> backend
 DEFAULT_MODEL_ENV = "ANSWERFIRST_MODEL"
 DEFAULT_MODEL_PATH = "artifacts/student"
-DEFAULT_MAX_QUERY_TOKENS = 256
 
 
 class ContextLengthError(FormatError):
@@ -67,95 +65,11 @@ class NonFiniteScoreError(RuntimeError):
     """The model gave NaN or infinite grade logits: its weights are corrupt or a kernel overflowed."""
 
 
-@dataclass(frozen=True)
-class ScorerConfig:
-    """Knobs beyond load()'s arguments. Each backend reads the ones that concern it.
-
-    batch_size: documents per forward pass (after sorting by length, so padding stays small).
-    reuse_prefix: compute the rubric+query prefix once per query (off only to measure its gain).
-    max_doc_tokens: override the artifact's document truncation length.
-    max_query_tokens: a longer query is refused (FormatError) before anything runs. The query is
-        never truncated (it is part of the shared prefix), and without a bound one request can take
-        a process down: a 200,000-character query (~32k tokens) grew an ONNX scorer past 24 GB.
-        256 tokens hold any search query; raise it for long questions (the prompt must still fit
-        the model's context, which every backend checks too).
-    n_ctx, n_batch, flash_attn, kv_cache_type: llama.cpp context settings ("f32" KV for parity).
-        n_ctx is the KV cell pool of ALL documents in flight, so it bounds memory, not the batch:
-        documents that do not fit together run in more llama_decode groups, and attention spans
-        the cells in use, so a smaller pool is also faster. 1024 cells hold a 512-token document's
-        prompt plus a 128-token explanation. Flash attention is on: at Qwen3-0.6B on 2 cores it
-        scored 16 documents in 7.0 s instead of 8.3 s (Q4_K_M) and 11.7 s instead of 13.7 s (Q8_0).
-        Against the former n_ctx 2048 / n_batch 512 / no flash attention (16.6 s, 1177 MiB peak
-        RSS at Q4_K_M there) these defaults, with plain weight buffers, are 2.4x faster and lighter.
-    """
-
-    batch_size: int = 16
-    reuse_prefix: bool = True
-    max_doc_tokens: int | None = None
-    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
-    n_ctx: int = 1024
-    n_batch: int = 256
-    flash_attn: bool = True
-    kv_cache_type: str = "f16"
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
-            raise ValueError(f"max_doc_tokens: must be >= 1, got {self.max_doc_tokens}")
-        if self.max_query_tokens < 1:
-            raise ValueError(f"max_query_tokens: must be >= 1, got {self.max_query_tokens}")
-        if self.kv_cache_type not in ("f16", "f32", "q8_0"):
-            raise ValueError(f"kv_cache_type: one of f16, f32, q8_0; got {self.kv_cache_type!r}")
-
-
-class Backend(Protocol):
-    name: str
-    artifact: str  # the file (or checkpoint directory) whose weights it runs: named in errors
-    max_positions: int  # the longest prompt, in tokens, it can score
-    context_note: str  # where max_positions comes from and how to change it, for the error message
-
-    def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray: ...
-
-    def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]: ...
-
-    def forget_prefixes(self) -> None:
-        """Drop every stored prefix state: the next query computes its prefix as a new one would
-        (the benchmark times each query so, since an application rarely repeats one)."""
-
-
-class PrefixCache:
-    """The KV state of the last few rubric+query prefixes, keyed by their token ids; thread-safe.
-
-    Scorer.score() hands the same prefix to every batch of a query, and explain() usually follows a
-    score() of the same query: with this cache an adapter runs each prefix once. States must be
-    read-only once stored (adapters continue from views or copies of them).
-    """
-
-    def __init__(self, capacity: int = 2):
-        self.capacity = capacity
-        self.misses = 0  # prefixes computed (tests and the benchmark read it)
-        self._states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, prefix_ids: Sequence[int], compute: Callable[[tuple[int, ...]], Any]) -> Any:
-        key = tuple(prefix_ids)
-        with self._lock:
-            if key in self._states:
-                self._states.move_to_end(key)
-                return self._states[key]
-        state = compute(key)  # outside the lock: other threads keep scoring meanwhile
-        with self._lock:
-            self.misses += 1
-            self._states[key] = state
-            self._states.move_to_end(key)
-            while len(self._states) > self.capacity:
-                self._states.popitem(last=False)
-        return state
-
-    def clear(self) -> None:
-        with self._lock:
-            self._states.clear()
+__all__ = [
+    "BACKEND_OF_KIND", "DEFAULT_MAX_QUERY_TOKENS", "DEFAULT_MODEL_ENV", "DEFAULT_MODEL_PATH",
+    "Backend", "ContextLengthError", "ForwardPass", "NonFiniteScoreError", "PrefixCache", "Scorer",
+    "ScorerConfig", "ScoringPlan", "check_context", "check_finite", "load", "score",
+]
 
 
 @dataclass(frozen=True)
@@ -357,21 +271,9 @@ def load(
         raise ValueError(f"quantization must be '8bit', '4bit' or None; got {quantization!r}")
 
     location = Path(path)
-    manifest = None
-    if location.is_dir() and has_manifest(location):
-        manifest = Manifest.read(location)
-        kind = manifest.kind
-    elif (location.is_file() and location.suffix == ".gguf") or (location.is_dir() and any(location.glob("*.gguf"))):
-        kind = "gguf"
-    elif location.is_dir() and any(location.glob("*.onnx")):
-        raise ManifestError(f"{location} holds .onnx files but no answerfirst.json; export it with `answerfirst export onnx`")
-    elif location.exists() and not location.is_dir():
-        raise ManifestError(f"{location} is a file answerfirst cannot load (expected a directory or a .gguf file)")
-    else:
-        kind = "checkpoint"  # a checkpoint directory without manifest, or a hub id
-
-    chosen = _KIND_TO_BACKEND[kind] if backend == "auto" else backend
-    if chosen != _KIND_TO_BACKEND[kind]:
+    kind, manifest = artifact_kind(location)
+    chosen = BACKEND_OF_KIND[kind] if backend == "auto" else backend
+    if chosen != BACKEND_OF_KIND[kind]:
         raise ValueError(f"{location} is a {kind} artifact; backend={backend!r} cannot load it (use backend='auto')")
     if quantization is not None and chosen != "torch":
         raise ValueError(f"quantization={quantization!r} applies to torch checkpoints; {kind} exports are quantized at export")
@@ -401,23 +303,9 @@ def load(
 
 
 def bind_format(tokenizer: Any, manifest: Manifest | None, config: ScorerConfig, where: str) -> PromptTokenizer:
-    """The AFRL prompt tokenizer for an artifact: its manifest's format, else the default format
-    derived from the tokenizer's chat template; the manifest's grade ids must match the tokenizer."""
-    from answerfirst.afrl import AFRLFormat
-
-    if manifest is None:
-        fmt = AFRLFormat.from_chat_template(tokenizer)
-    else:
-        fmt = manifest.format
-    fmt = fmt.with_overrides(max_doc_tokens=config.max_doc_tokens)
-    prompts = PromptTokenizer(tokenizer, fmt)
-    if manifest is not None and prompts.grade_ids != manifest.grade_token_ids:
-        raise ManifestError(
-            f"{where}: the manifest's grade token ids {list(manifest.grade_token_ids)} do not match the "
-            f"tokenizer's {list(prompts.grade_ids)} for grades {list(fmt.grades)}; the manifest and "
-            "tokenizer come from different models"
-        )
-    return prompts
+    """Former home of artifact.bind_format, kept for callers of this path (distill/pipeline.py);
+    new code calls answerfirst.artifact.bind_format(tokenizer, manifest, where, max_doc_tokens)."""
+    return artifact.bind_format(tokenizer, manifest, where, config.max_doc_tokens)
 
 
 # ------------------------------------------------------------------------------------------------

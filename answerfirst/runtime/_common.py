@@ -1,0 +1,120 @@
+"""What the Scorer (api.py) and every backend adapter share: the config, the adapter protocol, the prefix cache.
+
+It sits below api.py and the adapters, so the adapters never import api.py (which imports them
+lazily in load()): imports run one way, afrl -> artifact -> _common -> adapters -> api.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+DEFAULT_MAX_QUERY_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Knobs beyond load()'s arguments. Each backend reads the ones that concern it.
+
+    batch_size: documents per forward pass (after sorting by length, so padding stays small).
+    reuse_prefix: compute the rubric+query prefix once per query (off only to measure its gain).
+    max_doc_tokens: override the artifact's document truncation length.
+    max_query_tokens: a longer query is refused (FormatError) before anything runs. The query is
+        never truncated (it is part of the shared prefix), and without a bound one request can take
+        a process down: a 200,000-character query (~32k tokens) grew an ONNX scorer past 24 GB.
+        256 tokens hold any search query; raise it for long questions (the prompt must still fit
+        the model's context, which every backend checks too).
+    n_ctx, n_batch, flash_attn, kv_cache_type: llama.cpp context settings ("f32" KV for parity).
+        n_ctx is the KV cell pool of ALL documents in flight, so it bounds memory, not the batch:
+        documents that do not fit together run in more llama_decode groups, and attention spans
+        the cells in use, so a smaller pool is also faster. 1024 cells hold a 512-token document's
+        prompt plus a 128-token explanation. Flash attention is on: at Qwen3-0.6B on 2 cores it
+        scored 16 documents in 7.0 s instead of 8.3 s (Q4_K_M) and 11.7 s instead of 13.7 s (Q8_0).
+        Against the former n_ctx 2048 / n_batch 512 / no flash attention (16.6 s, 1177 MiB peak
+        RSS at Q4_K_M there) these defaults, with plain weight buffers, are 2.4x faster and lighter.
+    """
+
+    batch_size: int = 16
+    reuse_prefix: bool = True
+    max_doc_tokens: int | None = None
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    n_ctx: int = 1024
+    n_batch: int = 256
+    flash_attn: bool = True
+    kv_cache_type: str = "f16"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
+            raise ValueError(f"max_doc_tokens: must be >= 1, got {self.max_doc_tokens}")
+        if self.max_query_tokens < 1:
+            raise ValueError(f"max_query_tokens: must be >= 1, got {self.max_query_tokens}")
+        if self.kv_cache_type not in ("f16", "f32", "q8_0"):
+            raise ValueError(f"kv_cache_type: one of f16, f32, q8_0; got {self.kv_cache_type!r}")
+
+
+class Backend(Protocol):
+    """What every adapter answers; the Scorer calls nothing else.
+
+    grade_logits(prefix_ids, continuations) -> (B, K) float array
+        prefix_ids: the shared rubric+query prefix whose KV the adapter computes once and reuses
+        for every continuation (doc + suffix); None when continuations are whole prompts.
+    generate(input_ids, max_new_tokens) -> Iterator[int]
+        greedy next-token ids after `input_ids`, using the adapter's KV cache.
+
+    and states what it runs and how long a prompt may be, so the Scorer checks every input against
+    the context before any forward pass and names the artifact in its errors.
+    """
+
+    name: str
+    artifact: str  # the file (or checkpoint directory) whose weights it runs: named in errors
+    max_positions: int  # the longest prompt, in tokens, it can score
+    context_note: str  # where max_positions comes from and how to change it, for the error message
+
+    def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]: ...
+
+    def forget_prefixes(self) -> None:
+        """Drop every stored prefix state: the next query computes its prefix as a new one would
+        (the benchmark times each query so, since an application rarely repeats one)."""
+
+
+class PrefixCache:
+    """The KV state of the last few rubric+query prefixes, keyed by their token ids; thread-safe.
+
+    Scorer.score() hands the same prefix to every batch of a query, and explain() usually follows a
+    score() of the same query: with this cache an adapter runs each prefix once. States must be
+    read-only once stored (adapters continue from views or copies of them).
+    """
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self.misses = 0  # prefixes computed (tests and the benchmark read it)
+        self._states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, prefix_ids: Sequence[int], compute: Callable[[tuple[int, ...]], Any]) -> Any:
+        key = tuple(prefix_ids)
+        with self._lock:
+            if key in self._states:
+                self._states.move_to_end(key)
+                return self._states[key]
+        state = compute(key)  # outside the lock: other threads keep scoring meanwhile
+        with self._lock:
+            self.misses += 1
+            self._states[key] = state
+            self._states.move_to_end(key)
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+        return state
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
