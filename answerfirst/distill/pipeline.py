@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from answerfirst.artifact import MANIFEST_NAME, Manifest, checkpoint_hash, has_manifest
+from answerfirst.artifact import MANIFEST_NAME, Manifest, bind_format, checkpoint_hash, has_manifest
 from answerfirst.distill.train import CHECKPOINTS_DIR, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -299,13 +299,12 @@ def _teacher_metrics(labels: Path, teacher_dir: str, config: DefaultRunConfig) -
     from transformers import AutoTokenizer
 
     from answerfirst.distill.train import build_examples, load_rows, split_rows, teacher_metrics
-    from answerfirst.runtime.api import ScorerConfig, bind_format
 
     rows = load_rows(labels)
     _, heldout = split_rows(rows, config.student.eval_fraction, config.student.seed)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     manifest = Manifest.read(teacher_dir) if Path(teacher_dir).is_dir() and has_manifest(teacher_dir) else None
-    prompts = bind_format(tokenizer, manifest, ScorerConfig(), where=str(teacher_dir))
+    prompts = bind_format(tokenizer, manifest, str(teacher_dir))
     examples = build_examples(prompts, heldout, config.student.max_trace_tokens)
     return teacher_metrics(examples, prompts.format.values)
 

@@ -26,11 +26,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from answerfirst import artifact
 from answerfirst.afrl import (
     FormatError,
     Prompt,
@@ -300,12 +298,6 @@ def load(
 
         adapter, prompts = open_gguf(location, manifest, threads, variant, config)
     return Scorer(adapter, prompts, config, manifest)
-
-
-def bind_format(tokenizer: Any, manifest: Manifest | None, config: ScorerConfig, where: str) -> PromptTokenizer:
-    """Former home of artifact.bind_format, kept for callers of this path (distill/pipeline.py);
-    new code calls answerfirst.artifact.bind_format(tokenizer, manifest, where, max_doc_tokens)."""
-    return artifact.bind_format(tokenizer, manifest, where, config.max_doc_tokens)
 
 
 # ------------------------------------------------------------------------------------------------
