@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from answerfirst.artifact import checkpoint_hash
+from answerfirst.artifact import checkpoint_hash, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +49,6 @@ PARTIAL = ".partial"
 # ------------------------------------------------------------------------------------------------
 # Identity: what must match for --resume to continue the same run
 # ------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_identity(
