@@ -479,5 +479,5 @@ def test_cli_without_the_serve_extra_names_the_install():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert 'answerfirst serve needs fastapi, which is not installed: pip install "answerfirst[serve]"' in out.stderr
+    assert 'answerfirst serve needs the [serve] extra (fastapi is not installed): pip install "answerfirst[serve]"' in out.stderr
     assert "Traceback" not in out.stderr

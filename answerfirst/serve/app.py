@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
+from answerfirst.extras import requires
+
+with requires("serve", "answerfirst serve"):
     import prometheus_client  # noqa: F401  (used by ServeMetrics)
     import uvicorn  # noqa: F401  (used by answerfirst.serve.cli)
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
-except ImportError as e:
-    raise ImportError(f'answerfirst serve needs {e.name}, which is not installed: pip install "answerfirst[serve]"') from None
 
 from answerfirst.afrl import FormatError
 from answerfirst.runtime.api import Scorer
