@@ -31,11 +31,12 @@ SERVE_MODEL ?= $(ONNX_OUT)
 SERVE_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv test distill export export-onnx export-gguf demo serve bench bench-quick lint clean
+.PHONY: help venv test distill ablation export export-onnx export-gguf demo serve bench bench-quick lint clean
 
 help:
 	@echo "make distill export   # the main job: sample data -> teacher -> student -> ONNX + GGUF"
 	@echo "make test             # the test suite (what CI runs)"
+	@echo "make ablation         # after distill: gold vs hard vs KL vs KL+trace students, BM25 (README table)"
 	@echo "make demo | serve | bench | lint | clean"
 
 venv: $(STAMP)
@@ -67,6 +68,10 @@ test: $(STAMP)
 distill: $(STAMP)
 	$(PY) -m answerfirst.cli distill-default --out $(STUDENT_OUT) --work $(ARTIFACTS)/work \
 		$(if $(TEACHER),--teacher $(TEACHER)) $(if $(STUDENT),--student $(STUDENT)) $(if $(DATA),--data $(DATA))
+
+# What first-token distillation buys: four students on the default run's data (after `make distill`).
+ablation: distill
+	$(PY) -m answerfirst.cli ablation --work $(ARTIFACTS)/work --out $(ARTIFACTS)/ablation
 
 export: export-onnx export-gguf
 

@@ -39,11 +39,15 @@ Grades:
 0 = irrelevant: it has nothing to do with the query.
 Write the grade digit first, then explain it in a few short lines."""
 
-# The user turn is "Query:\n{query}\n\nDocument:\n{doc}". Every segment boundary sits right after a
-# newline, where Qwen's pre-tokenizer splits anyway, so segment-wise ids match what tokenizing the
-# whole prompt would give for ordinary text.
-QUERY_LABEL = "Query:\n"
-DOC_LABEL = "\n\nDocument:\n"
+# The user turn is "Query: {query}\n\nDocument: {doc}". Qwen's pre-tokenizer attaches a space to the
+# word after it, so a template piece that ends in a space hands that space to the user text that
+# follows (PromptTokenizer does this for any template). Segment-wise ids then equal what tokenizing
+# the whole prompt gives for ordinary text, and the first word of a query or document gets the same
+# token it has mid-sentence (" red", not "red"): the form it has in the other segment, so a model
+# can match a query word in the document by identity. (Templates whose pieces end in a newline,
+# like earlier releases' "Query:\n", keep working unchanged.)
+QUERY_LABEL = "Query: "
+DOC_LABEL = "\n\nDocument: "
 
 # Markers of the prompt template stored in manifests; each appears exactly once, in this order.
 RUBRIC_MARK, QUERY_MARK, DOC_MARK = "{rubric}", "{query}", "{doc}"
@@ -172,6 +176,12 @@ class AFRLFormat:
         return names
 
 
+def _lead_spaces(piece: str) -> tuple[str, str]:
+    """'...Query: ' -> ('...Query:', ' '): the trailing spaces belong to the user text that follows."""
+    stripped = piece.rstrip(" ")
+    return stripped, piece[len(stripped):]
+
+
 def _split_template(template: str) -> tuple[str, str, str, str]:
     """'{a}{rubric}{b}{query}{c}{doc}{d}' -> (a, b, c, d)."""
     if not isinstance(template, str):
@@ -250,7 +260,10 @@ class PromptTokenizer:
         self._plain = Tokenizer.from_str(backend.to_str())  # never does: user text
         self._plain.encode_special_tokens = True
 
-        a, b, c, d = _split_template(fmt.prompt_template)
+        pieces = _split_template(fmt.prompt_template)
+        # (template piece before a user segment without its trailing spaces, those spaces)
+        (a, self.rubric_lead), (b, self.query_lead), (c, self.doc_lead) = (_lead_spaces(p) for p in pieces[:3])
+        d = pieces[3]
         self._head, self._after_rubric, self._doc_open = (self._encode_template(p) for p in (a, b, c))
         self.suffix_ids = self._encode_template(d)
         self.grade_ids = self._grade_ids()
@@ -301,19 +314,20 @@ class PromptTokenizer:
     def prefix_ids(self, query: str, max_query_tokens: int | None = None) -> tuple[int, ...]:
         """prefix(rubric, query): identical for every document of a query. The query is never cut:
         one longer than `max_query_tokens` is a FormatError."""
-        query_ids = self.encode_text(check_text(query, "query"))
+        query_ids = self.encode_text(self.query_lead + check_text(query, "query"))
         if max_query_tokens is not None and len(query_ids) > max_query_tokens:
             raise FormatError(
                 f"query is {len(query_ids)} tokens, over the limit of {max_query_tokens}; shorten it "
                 "(queries are never truncated) or raise ScorerConfig(max_query_tokens=...)"
             )
-        return self._head + self.encode_text(self.format.rubric) + self._after_rubric + query_ids + self._doc_open
+        rubric_ids = self.encode_text(self.rubric_lead + self.format.rubric)
+        return self._head + rubric_ids + self._after_rubric + query_ids + self._doc_open
 
     def doc_ids(self, doc: str, max_doc_tokens: int | None = None) -> tuple[tuple[int, ...], bool]:
         """(ids, truncated): the only segment that is ever cut, to `max_doc_tokens`.
 
         max_doc_tokens: a tighter limit for this call (a larger one than the format's is capped to it)."""
-        ids = self.encode_text(check_text(doc, "doc"))
+        ids = self.encode_text(self.doc_lead + check_text(doc, "doc"))
         limit = self.format.max_doc_tokens
         if max_doc_tokens is not None:
             if not isinstance(max_doc_tokens, int) or isinstance(max_doc_tokens, bool) or max_doc_tokens < 1:

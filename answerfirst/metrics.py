@@ -69,3 +69,12 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
     if len(a) != len(b) or not len(a):
         raise ValueError(f"agreement: need two equal, non-empty sequences ({len(a)} vs {len(b)})")
     return float(np.mean(np.asarray(a) == np.asarray(b)))
+
+
+def confusion_matrix(gold: Sequence[int], predicted: Sequence[int], k: int) -> np.ndarray:
+    """(k, k) counts: rows are the gold grade, columns the predicted grade."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"confusion_matrix: lengths differ ({len(gold)} vs {len(predicted)})")
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(gold, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return matrix

@@ -28,9 +28,31 @@ def prompts(tokenizer):
 
 def test_template_has_qwen3_no_thinking_preamble(prompts):
     fmt = prompts.format
-    assert fmt.prompt_template.startswith("<|im_start|>system\n{rubric}<|im_end|>\n<|im_start|>user\nQuery:\n{query}")
+    assert fmt.prompt_template.startswith("<|im_start|>system\n{rubric}<|im_end|>\n<|im_start|>user\nQuery: {query}\n\nDocument: {doc}")
     assert fmt.prompt_template.endswith("{doc}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert fmt.answer_end == "<|im_end|>\n"
+
+
+def test_first_word_of_a_segment_is_tokenized_as_mid_sentence(prompts):
+    """The space after "Query:" / "Document:" goes with the user text, so a word that opens the query
+    gets the same token it has inside the document: the model can match it by identity."""
+    prompt = prompts.prompt("red running shoes", "red shoes, and more red")
+    assert prompts.query_lead == prompts.doc_lead == " "
+    first_query_id = prompt.prefix_ids[-len(prompts.encode_text(" red running shoes")) - len(prompts.encode_text("\n\nDocument:"))]
+    assert first_query_id == prompts.encode_text(" red")[0]
+    assert prompt.doc_ids[0] == prompts.encode_text(" red")[0] == prompt.doc_ids[-1]
+    assert prompts.decode(prompt.input_ids).count("Query: red running shoes\n\nDocument: red shoes") == 1
+
+
+def test_a_template_ending_in_a_newline_keeps_its_tokenization(tokenizer):
+    """Manifests written before the space moved keep "Query:\n{query}": the query starts its own word."""
+    legacy = AFRLFormat.from_chat_template(tokenizer)
+    legacy = AFRLFormat(legacy.prompt_template.replace("Query: ", "Query:\n").replace("Document: ", "Document:\n"),
+                        legacy.answer_end)
+    prompts = PromptTokenizer(tokenizer, legacy)
+    prompt = prompts.prompt("red running shoes", "red shoes")
+    assert prompt.doc_ids == prompts.encode_text("red shoes")
+    assert prompts.decode(prompt.input_ids).count("Query:\nred running shoes\n\nDocument:\nred shoes") == 1
 
 
 def test_segments_decode_to_the_chat_template_rendering(tokenizer, prompts):
@@ -39,15 +61,15 @@ def test_segments_decode_to_the_chat_template_rendering(tokenizer, prompts):
     expected = tokenizer.apply_chat_template(
         [
             {"role": "system", "content": DEFAULT_RUBRIC},
-            {"role": "user", "content": f"Query:\n{query}\n\nDocument:\n{doc}"},
+            {"role": "user", "content": f"Query: {query}\n\nDocument: {doc}"},
         ],
         tokenize=False,
         add_generation_prompt=True,
         enable_thinking=False,
     )
     assert prompts.decode(p.input_ids) == expected
-    assert prompts.decode(p.doc_ids) == doc
-    assert prompts.decode(p.prefix_ids).endswith(f"Query:\n{query}\n\nDocument:\n")
+    assert prompts.decode(p.doc_ids) == " " + doc  # the space after "Document:" opens the document's first word
+    assert prompts.decode(p.prefix_ids).endswith(f"Query: {query}\n\nDocument:")
     assert p.continuation_ids == [*p.doc_ids, *p.suffix_ids]
     assert not p.truncated
 
@@ -62,7 +84,7 @@ def test_special_token_strings_in_user_text_stay_plain_text(tokenizer, prompts):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     doc_ids, _ = prompts.doc_ids("a chat log: <|im_end|> <|im_start|>assistant")
     assert im_end not in doc_ids
-    assert prompts.decode(doc_ids) == "a chat log: <|im_end|> <|im_start|>assistant"
+    assert prompts.decode(doc_ids) == prompts.doc_lead + "a chat log: <|im_end|> <|im_start|>assistant"
     assert im_end in prompts.suffix_ids  # the template's own marker is a special token
 
 
@@ -74,11 +96,11 @@ def test_truncation_only_cuts_the_doc(tokenizer):
     p = prompts.prompt(long_query, long_doc)
     assert p.truncated
     assert len(p.doc_ids) == 8
-    assert p.doc_ids == prompts.encode_text(long_doc)[:8]
-    assert prompts.decode(p.prefix_ids).endswith(f"Query:\n{long_query}\n\nDocument:\n")  # query intact
+    assert p.doc_ids == prompts.encode_text(prompts.doc_lead + long_doc)[:8]
+    assert prompts.decode(p.prefix_ids).endswith(f"Query: {long_query}\n\nDocument:")  # query intact
     assert p.suffix_ids == prompts.suffix_ids
     short = prompts.prompt(long_query, "short doc")
-    assert not short.truncated and prompts.decode(short.doc_ids) == "short doc"
+    assert not short.truncated and prompts.decode(short.doc_ids) == prompts.doc_lead + "short doc"
     example = prompts.training_example(long_query, long_doc, grade=2, explanation="Partial.")
     assert example.truncated and example.doc_truncated and not example.trace_truncated
 

@@ -58,7 +58,8 @@ def test_segments_rejoin_to_the_full_prompt(prompts, query, doc):
     assert p.continuation_ids == [*p.doc_ids, *p.suffix_ids]
     whole = _rendered(prompts, query, "\x01")
     head, tail = whole[: whole.rindex("\x01")], whole[whole.rindex("\x01") + 1 :]
-    assert prompts.decode(p.prefix_ids) == head  # rubric and query whole, special-token text kept as text
+    # rubric and query whole, special-token text kept as text; the space before the document opens its first word
+    assert prompts.decode(p.prefix_ids) + prompts.doc_lead == head
     assert prompts.decode(p.suffix_ids) == tail
     if not p.truncated:
         assert prompts.decode(p.input_ids) == _rendered(prompts, query, doc)
@@ -76,11 +77,12 @@ def test_only_the_document_is_truncated(tokenizer, query, doc, limit):
         return
     prompts = PromptTokenizer(tokenizer, AFRLFormat.from_chat_template(tokenizer, max_doc_tokens=limit))
     p = prompts.prompt(query, doc)
-    full_doc = prompts.encode_text(doc)
+    full_doc = prompts.encode_text(prompts.doc_lead + doc)
     assert p.doc_ids == full_doc[:limit]
     assert p.truncated == (len(full_doc) > limit)
     assert p.prefix_ids == prompts.prefix_ids(query)  # the query is never cut, whatever its length
-    assert prompts.encode_text(query) == p.prefix_ids[len(p.prefix_ids) - len(prompts.encode_text(query)) - len(prompts._doc_open) : len(p.prefix_ids) - len(prompts._doc_open)]
+    query_ids = prompts.encode_text(prompts.query_lead + query)
+    assert query_ids == p.prefix_ids[len(p.prefix_ids) - len(query_ids) - len(prompts._doc_open) : len(p.prefix_ids) - len(prompts._doc_open)]
     assert p.suffix_ids == prompts.suffix_ids
 
 
@@ -115,7 +117,7 @@ def test_empty_and_whitespace_input_is_a_clear_format_error(prompts, space, othe
 def test_the_query_limit_refuses_and_never_cuts(prompts, query):
     if not query.strip():
         return
-    n = len(prompts.encode_text(query))
+    n = len(prompts.encode_text(prompts.query_lead + query))
     assert prompts.prefix_ids(query, max_query_tokens=n) == prompts.prefix_ids(query)
     if n > 1:
         with pytest.raises(FormatError, match=f"query is {n} tokens, over the limit of {n - 1}"):

@@ -132,6 +132,38 @@ def describe(rng: random.Random, product: Product, target_words: int) -> str:
     return " ".join(cut[: max(target_words, len(title.split()))]) if len(cut) > target_words + 8 else text
 
 
+# The second writer's pieces: extra title words, and sentences that state an attribute in prose.
+TITLE_WORDS = ("Classic", "New", "Premium", "Everyday", "Original", "Pro", "Essential", "Comfort")
+PROSE_TITLES = (
+    "{brand} {extra} {type} {size} {colour}",
+    "{extra} {colour} {type} by {brand}",
+    "{type} from {brand} {extra} edition",
+    "{brand} {type} {extra} {material} {size}",
+)
+PROSE_FACTS = {
+    "brand": ("Made by {brand}.", "A product of the {brand} range.", "{brand} designed it for daily use."),
+    "colour": ("The colour is {colour}.", "It comes in a {colour} finish.", "Shown here in {colour}."),
+    "material": ("It is made of {material}.", "The body is {material}.", "Crafted from {material} for a long life."),
+    "size": ("Size: {size}.", "This one is the {size} version.", "It is sold in {size}."),
+}
+
+
+def describe_prose(rng: random.Random, product: Product, target_words: int) -> str:
+    """The same product written by another shop: a title in another word order without commas and
+    with an extra word, and every attribute the title leaves out stated in its own prose sentence,
+    in random order, among the filler. Held-out evaluation only: no model trains on this writer."""
+    fields = {a: getattr(product, a) for a in ATTRIBUTES} | {"type": product.type, "extra": rng.choice(TITLE_WORDS)}
+    template = rng.choice(PROSE_TITLES)
+    title = template.format(**fields) + "."
+    stated = [a for a in ATTRIBUTES if "{" + a + "}" not in template]
+    facts = [rng.choice(PROSE_FACTS[a]).format(**fields) for a in stated]
+    pool = [s.format(type=product.type) for s in FILLER]
+    rng.shuffle(pool)
+    body = facts + pool[: max(0, (target_words - len(title.split())) // 8 - len(facts) + 1)]
+    rng.shuffle(body)
+    return " ".join([title, *body])
+
+
 def product_text(rng: random.Random, target_words: int) -> str:
     """Realistic product-description text of about `target_words` words (the latency benchmark builds
     its documents with it)."""
@@ -183,23 +215,66 @@ def grade_and_reason(query_product: Product, named: tuple[str, ...], doc: Produc
     return (3 if len(missed) == 1 else 2), matches + f"\nMisses: {detail}."
 
 
+# Cross-selling lines, as shops append them to product pages: they name products and attributes the
+# page is NOT about. {values} and {type} come from the query (a page that misses what the searcher
+# wants often advertises it) or, on pages that match, from other products of the category; so
+# counting the query's words in the page (what a lexical ranker does) is misled, and a reader is not.
+CROSS_SELL = (
+    "Also available in {values}.",
+    "Customers also viewed the {values} {type}.",
+    "Compare it with our {values} {type}.",
+    "Pairs well with a {values} {type}.",
+)
+
+
+def cross_sell(rng: random.Random, query_product: Product, named: tuple[str, ...], doc: Product, grade: int) -> str:
+    """A cross-selling line for `doc`: on a page that misses the query (grade < 4) it names what the
+    query asks for; on a matching page it names another product of the category."""
+    template = rng.choice(CROSS_SELL)
+    if grade < 4:
+        wanted = [getattr(query_product, a) for a in named if getattr(doc, a) != getattr(query_product, a)]
+        values = wanted or [getattr(query_product, a) for a in named] or [query_product.colour]
+        return template.format(values=" ".join(values), type=query_product.type)
+    other = random_product(rng, query_product.category)
+    attribute = rng.choice([a for a in ATTRIBUTES if getattr(other, a) != getattr(doc, a)] or ["colour"])
+    return template.format(values=getattr(other, attribute), type=other.type)
+
+
+# The default run's sample (`make distill`; the demo's examples are its held-out queries): short
+# product pages, so the small sample models see many pairs within the run's time.
+N_QUERIES = 2400
+HELDOUT_QUERIES = 180
+DOC_WORDS = (8, 14)
+
+
 def sample_pairs(
     seed: int = 0,
-    n_queries: int = 320,
+    n_queries: int = N_QUERIES,
     docs_per_query: int = 8,
-    heldout_fraction: float = 0.15,
-    doc_words: tuple[int, int] = (18, 34),
+    heldout_fraction: float = HELDOUT_QUERIES / N_QUERIES,
+    doc_words: tuple[int, int] = DOC_WORDS,
+    cross_sell_rate: float = 0.5,
+    writer: str = "catalogue",
 ) -> list[dict]:
     """Graded (query, product document) pairs: rows {"id", "query", "doc", "label", "reason", "split"}.
 
     Every query gets `docs_per_query` documents spread over the grades (about two of each of 4, 3
     and 2, and one or two each of 1 and 0); `split` is "heldout" for a `heldout_fraction` share of
-    the queries (all their documents), else "train". Deterministic in `seed`."""
+    the queries (all their documents), else "train". A `cross_sell_rate` share of the documents ends
+    with a cross-selling line (see CROSS_SELL). `writer` writes the documents' text: "catalogue"
+    (describe) or "prose" (describe_prose, another shop's style, for held-out evaluation). Queries,
+    products, grades and splits depend on `seed` alone, so the two writers give the same pairs in
+    other words. Deterministic in (`seed`, `writer`). The defaults are the default run's (`make distill`)."""
+    writers = {"catalogue": describe, "prose": describe_prose}
+    if writer not in writers:
+        raise ValueError(f"sample_pairs: writer must be one of {', '.join(writers)}, got {writer!r}")
     if n_queries < 2 or docs_per_query < 2:
         raise ValueError("sample_pairs: need n_queries >= 2 and docs_per_query >= 2")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"sample_pairs: heldout_fraction must be in (0, 1), got {heldout_fraction}")
     rng = random.Random(seed)
+    text_rng = random.Random(f"text-{writer}-{seed}")  # the wording; the pairs come from `rng` alone
+    sell_rng = random.Random(f"cross-sell-{seed}")  # its own stream: the rate leaves the rest unchanged
     n_heldout = max(1, round(heldout_fraction * n_queries))
     heldout = set(rng.sample(range(n_queries), n_heldout))
     rows, seen_queries = [], set()
@@ -230,10 +305,13 @@ def sample_pairs(
         rng.shuffle(docs)
         for d, doc in enumerate(docs):
             label, reason = grade_and_reason(target, named, doc)
+            text = writers[writer](text_rng, doc, text_rng.randint(*doc_words))
+            if sell_rng.random() < cross_sell_rate:
+                text += " " + cross_sell(sell_rng, target, named, doc, label)
             rows.append({
                 "id": f"q{q:04d}-d{d}",
                 "query": query,
-                "doc": describe(rng, doc, rng.randint(*doc_words)),
+                "doc": text,
                 "label": label,
                 "reason": reason,
                 "split": "heldout" if q in heldout else "train",

@@ -37,8 +37,8 @@ from answerfirst.afrl import (
     TrainingExample,
     grade_probs,
 )
-from answerfirst.artifact import Manifest, bind_format, checkpoint_hash, has_manifest
-from answerfirst.distill.objectives import IGNORE_INDEX, LossWeights, distill_loss, first_token_kl
+from answerfirst.artifact import Manifest, bind_format, checkpoint_hash, give_default_mode, has_manifest
+from answerfirst.distill.objectives import IGNORE_INDEX, LossWeights, distill_loss
 from answerfirst.distill.runs import (
     CHECKPOINTS_DIR,
     RunDir,
@@ -50,7 +50,6 @@ from answerfirst.distill.runs import (
     truncation_report,
 )
 from answerfirst.extras import requires
-from answerfirst.metrics import agreement, mean_ndcg_by_query, spearman
 
 with requires("train", "answerfirst.distill"):
     import torch
@@ -61,7 +60,7 @@ CONFIG_NAME = "training_config.json"
 __all__ = [  # what distill/pipeline.py and rl.py build on: keep these signatures stable
     "CHECKPOINTS_DIR", "DistillExample", "StudentHead", "TrainConfig", "TrainResult", "batch_loss", "build_examples",
     "collate", "evaluate", "load_rows", "load_student", "metrics_from_logits", "predict_grade_logits", "split_rows",
-    "student_forward", "teacher_metrics", "train", "write_student",
+    "student_forward", "train", "write_student",
 ]
 
 
@@ -400,39 +399,21 @@ def _grade_ids(head: torch.nn.Module) -> torch.Tensor:
 
 
 def metrics_from_logits(
-    student_logits: np.ndarray, examples: Sequence[DistillExample], values: Sequence[float], temperature: float = 1.0
+    student_logits: np.ndarray, examples: Sequence[DistillExample], values: Sequence[float]
 ) -> dict[str, float]:
-    """Held-out metrics from (N, K) student grade logits.
+    """Held-out metrics (evaluate.report) from (N, K) student grade logits: accuracy_gold and
+    ndcg10_gold where examples carry gold grades; kl_to_teacher, agreement_teacher and
+    spearman_teacher where every example carries the teacher's distribution."""
+    from answerfirst.distill.evaluate import report
 
-    kl_to_teacher: mean KL(p_teacher ‖ p_student) at τ = `temperature` (without the τ² factor);
-    agreement_teacher: share of pairs whose argmax grade equals the teacher's; spearman_teacher:
-    rank correlation of expected grades; accuracy_gold: argmax vs gold grade; ndcg10_gold: mean
-    NDCG@10 per query with the expected grade as the ranking score and gold grades as gains."""
-    probs = grade_probs(student_logits)  # (N, K)
-    expected = probs @ np.asarray(values, dtype=np.float64)
-    metrics: dict[str, float] = {"pairs": float(len(examples))}
+    rows = [{"query": e.query, "label": None if e.gold == IGNORE_INDEX else e.gold} for e in examples]
+    teacher = None
     if examples and all(e.teacher_probs is not None for e in examples):
         teacher = np.asarray([e.teacher_probs for e in examples], dtype=np.float64)
-        kl = first_token_kl(torch.from_numpy(student_logits), torch.from_numpy(teacher), temperature)
-        metrics["kl_to_teacher"] = float(kl) / temperature**2
-        metrics["agreement_teacher"] = agreement(probs.argmax(1).tolist(), teacher.argmax(1).tolist())
-        metrics["spearman_teacher"] = spearman(expected, teacher @ np.asarray(values, dtype=np.float64))
-    gold_rows = [i for i, e in enumerate(examples) if e.gold != IGNORE_INDEX]
-    if gold_rows:
-        gold = [examples[i].gold for i in gold_rows]
-        metrics["accuracy_gold"] = agreement(probs[gold_rows].argmax(1).tolist(), gold)
-        gold_values = [float(values[g]) for g in gold]
-        metrics["ndcg10_gold"] = mean_ndcg_by_query(
-            [examples[i].query for i in gold_rows], [float(expected[i]) for i in gold_rows], gold_values, k=10
-        )
+    metrics = report(rows, grade_probs(student_logits), values, teacher)
+    metrics["pairs"] = float(metrics["pairs"])
+    del metrics["queries"]
     return metrics
-
-
-def teacher_metrics(examples: Sequence[DistillExample], values: Sequence[float]) -> dict[str, float]:
-    """The same metrics for the teacher's own labels (its probs as the 'student'): the bar to reach."""
-    teacher = np.asarray([e.teacher_probs for e in examples], dtype=np.float64)
-    metrics = metrics_from_logits(np.log(np.clip(teacher, 1e-12, None)), examples, values)
-    return {k: v for k, v in metrics.items() if k in ("pairs", "accuracy_gold", "ndcg10_gold")}
 
 
 def evaluate(
@@ -441,12 +422,11 @@ def evaluate(
     values: Sequence[float],
     pad_id: int,
     batch_size: int = 16,
-    temperature: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """The metrics dict (see metrics_from_logits) of the student behind `head` on `examples`."""
     logits = predict_grade_logits(head, examples, pad_id, batch_size, torch.device(device))
-    return metrics_from_logits(logits, examples, values, temperature)
+    return metrics_from_logits(logits, examples, values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,6 +447,7 @@ def write_student(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    give_default_mode(out, ["model.safetensors"])
     manifest = Manifest(
         kind="checkpoint",
         format=prompts.format,
@@ -746,7 +727,7 @@ def _evaluate_heldout(run: _Run, config: TrainConfig) -> dict[str, float]:
     ordered = np.zeros((len(run.eval_examples), len(run.values)))
     for index, row in gathered:
         ordered[index] = row
-    return metrics_from_logits(ordered, run.eval_examples, run.values, config.temperature)
+    return metrics_from_logits(ordered, run.eval_examples, run.values)
 
 
 # ------------------------------------------------------------------------------------------------
