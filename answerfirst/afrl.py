@@ -157,6 +157,12 @@ class AFRLFormat:
             raise FormatError(f"format is missing field(s): {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def render(self, query: str, doc: str) -> str:
+        """The whole prompt as one text, rubric filled in (for tools that tokenize a prompt in one
+        piece, such as llama-server's rerank template, which passes "{query}" and "{document}")."""
+        head, after_rubric, doc_open, suffix = _split_template(self.prompt_template)
+        return head + self.rubric + after_rubric + query + doc_open + doc + suffix
+
     def with_overrides(self, **changes: Any) -> AFRLFormat:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -331,10 +331,10 @@ def variant_files(manifest: Manifest, variant: Variant) -> list[str]:
     ones no variant owns (the tokenizer)."""
     recorded = set(manifest.info.get(SHA256_KEY, {})) | set(manifest.info.get(FILES_KEY, {}))
 
-    def owner(name: str) -> Variant | None:
-        return next((v for v in manifest.variants if name == v.file or name.startswith(v.file + ".")), None)
+    def owners(name: str) -> list[Variant]:  # two variants may read one file (GGUF: logits and rank paths)
+        return [v for v in manifest.variants if name == v.file or name.startswith(v.file + ".")]
 
-    return sorted(name for name in recorded if owner(name) in (None, variant))
+    return sorted(name for name in recorded if not owners(name) or variant in owners(name))
 
 
 def has_manifest(directory: str | Path) -> bool:
