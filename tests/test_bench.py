@@ -115,24 +115,36 @@ def test_runner_end_to_end(bench_results):
     json.dumps(results)  # serialisable as is
     assert {"machine", "config", "model", "workload", "floor", "contenders", "curves"} <= results.keys()
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
+    from answerfirst.runtime._cpu import ISA_FLAGS, features
+
+    assert results["machine"]["cpu_flags"] == [f for f in ISA_FLAGS if f in features().flags]
     by_name = {c["name"]: c for c in results["contenders"]}
     assert list(by_name) == list(CONTENDERS)  # every contender present, in table order
     for c in by_name.values():
         assert c["status"] in ("ok", "skipped", "failed")
         assert c["status"] == "ok" or c["reason"], f"{c['name']} not measured and no reason given"
-    # naive, torch and both ONNX variants must run on any machine with the [onnx] extra
-    for name in ("naive", "torch-fp32", "onnx-fp32", "onnx-int8"):
+    # the peers, torch and both ONNX variants must run on any machine with the [bench] extra
+    for name in ("naive", "naive-keep1", "llamacpp-rank", "torch-fp32", "onnx-fp32", "onnx-int8"):
         assert by_name[name]["status"] == "ok", by_name[name]["reason"]
 
-    naive = by_name["naive"]
-    assert list(naive["modes"]) == ["noreuse"] and naive["modes"]["noreuse"]["repeats"] == config.baseline_repeats
-    naive_rate = 3 / np.mean(naive["modes"]["noreuse"]["latencies_s"])
-    assert naive["speedup_vs_naive"] == pytest.approx(1.0)
+    rates = {}
+    for name in ("naive", "naive-keep1"):
+        peer = by_name[name]
+        assert list(peer["modes"]) == ["noreuse"] and peer["modes"]["noreuse"]["repeats"] == config.baseline_repeats
+        rates[name] = 3 / np.mean(peer["modes"]["noreuse"]["latencies_s"])
+    naive_rate = rates["naive"]
+    assert by_name["naive"]["speedup_vs_naive"] == pytest.approx(1.0)
+    assert by_name["naive-keep1"]["speedup_vs_keep1"] == pytest.approx(1.0)
+    # logits_to_keep=1 changes which logits are computed, not the grade logits at the last position
+    assert by_name["naive-keep1"]["quality"]["max_abs_dp"] < 2e-3
+    assert list(by_name["llamacpp-rank"]["modes"]) == ["noreuse"] and by_name["llamacpp-rank"]["peer"]
     for c in by_name.values():
         if c["status"] != "ok":
             continue
         assert c["peak_rss_bytes"] > 50 * 2**20  # a Python process with a model: tens of MiB at least
-        if c["name"] == "naive":
+        assert c["speedup_vs_keep1"] == pytest.approx(c["pairs_per_s"] / rates["naive-keep1"])
+        if c["peer"]:
+            assert c["prefix_reuse_speedup"] is None
             continue
         reuse, no_reuse = c["modes"]["reuse"], c["modes"]["noreuse"]
         assert reuse["repeats"] == config.repeats and no_reuse["repeats"] == config.baseline_repeats
@@ -145,8 +157,12 @@ def test_runner_end_to_end(bench_results):
         # quantized per call, so the prefix alone gets its own scales: a small, bounded change)
         tolerance = 2e-3 if c["precision"] in ("fp32", "f16") else 0.05
         assert c["quality"]["reuse_vs_noreuse_max_abs_dp"] < tolerance, c["name"]
-    # fp32 contenders score like the torch reference on the same pairs
-    for name in ("naive", "onnx-fp32"):
+    # fp32 contenders score like the torch reference on the same pairs; llama.cpp's rank head on Q8_0
+    # weights within Q8_0's parity bound
+    from answerfirst.export.gguf import QUANTS
+
+    assert by_name["llamacpp-rank"]["quality"]["max_abs_dp"] < QUANTS["q8_0"].rank_thresholds.max_abs_dp
+    for name in ("naive", "naive-keep1", "onnx-fp32"):
         assert by_name[name]["quality"]["agreement"] == 1.0
         assert by_name[name]["quality"]["max_abs_dp"] < 2e-3
 
@@ -174,8 +190,8 @@ def test_report_renders(bench_results, tmp_path):
     table = paths["markdown"].read_text()
     for name in CONTENDERS:
         assert f"| {name} |" in table
-    assert "### Targets" in table and "naive pairs/s" in table
-    assert "the FLOPs of this workload allow at most" in table
+    assert "### Targets" in table and "× naive pairs/s" in table and "× naive-keep1 pairs/s" in table
+    assert "the FLOPs of this workload allow" in table and "of the int8 compute floor" in table
     for key in ("throughput_png", "curves_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
 

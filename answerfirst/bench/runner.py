@@ -5,9 +5,12 @@
            -> compute floor -> curves (length, documents, threads) on the fastest backend
            -> bench/results/{bench.json, bench.md, *.png}
 
-Contenders: (a) naive reference (left-padded full forward, logits[:, -1]); (b) torch fp32;
-(c) ONNX fp32; (d) ONNX int8; (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with prefix reuse
-on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is measured.
+Contenders: the peers a user has without answerfirst, (a) naive (Qwen3-Reranker model-card style:
+left-padded full forward, logits[:, -1]), (a') naive-keep1 (the same plus logits_to_keep=1) and
+(a'') llamacpp-rank (llama.cpp's own RANK pooling on our rank GGUF, whole prompts); and ours, (b)
+torch fp32, (c) ONNX fp32, (d) ONNX int8, (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with
+prefix reuse on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is
+measured; a peer has no prefix reuse ("noreuse" only).
 
 Sizing (2 cores, real size): one W query (32 docs × 64–192 tokens) is ~4k continuation tokens with
 prefix reuse and ~10k without; at ~100 GFLOP/s fp32 that is tens of seconds for fp32 contenders and
@@ -40,17 +43,46 @@ from answerfirst.bench.workload import Workload, build_workload, workload_w
 
 logger = logging.getLogger(__name__)
 
-# name -> (artifact, variant key, precision, compute floor the contender is held to)
-CONTENDERS: dict[str, tuple[str, str | None, str, str]] = {
-    "naive": ("naive", None, "fp32", "fp32"),
-    "torch-fp32": ("checkpoint", None, "fp32", "fp32"),
-    "onnx-fp32": ("onnx", "fp32", "fp32", "fp32"),
-    "onnx-int8": ("onnx", "int8", "int8", "int8"),
-    "gguf-f16": ("gguf", "f16", "f16", "fp32"),
-    "gguf-q8_0": ("gguf", "q8_0", "q8_0", "int8"),
-    "gguf-q4_k_m": ("gguf", "q4_k_m", "q4_k_m", "int8"),
+@dataclass(frozen=True)
+class Contender:
+    """One row of the benchmark.
+
+    artifact: what it loads (checkpoint | onnx | gguf); variant: the export variant it runs;
+    precision: of its weights; floor: the compute floor it is held to (fp32 | int8);
+    worker: how its process scores: "scorer" (answerfirst.load, timed with prefix reuse on and off)
+        or a peer, the code a user writes without answerfirst (naive, naive-keep1, llamacpp-rank),
+        which has no prefix reuse.
+    """
+
+    artifact: str
+    variant: str | None
+    precision: str
+    floor: str
+    worker: str = "scorer"
+
+    @property
+    def peer(self) -> bool:
+        return self.worker != "scorer"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Timed modes, the main one (the row's numbers) first."""
+        return ("noreuse",) if self.peer else ("reuse", "noreuse")
+
+
+CONTENDERS: dict[str, Contender] = {
+    "naive": Contender("checkpoint", None, "fp32", "fp32", worker="naive"),
+    "naive-keep1": Contender("checkpoint", None, "fp32", "fp32", worker="naive-keep1"),
+    "llamacpp-rank": Contender("gguf", "q8_0-rank", "q8_0", "int8", worker="llamacpp-rank"),
+    "torch-fp32": Contender("checkpoint", None, "fp32", "fp32"),
+    "onnx-fp32": Contender("onnx", "fp32", "fp32", "fp32"),
+    "onnx-int8": Contender("onnx", "int8", "int8", "int8"),
+    "gguf-f16": Contender("gguf", "f16", "f16", "fp32"),
+    "gguf-q8_0": Contender("gguf", "q8_0", "q8_0", "int8"),
+    "gguf-q4_k_m": Contender("gguf", "q4_k_m", "q4_k_m", "int8"),
 }
 REFERENCE = "torch-fp32"  # quality is measured against it
+BASELINES = ("naive", "naive-keep1")  # speed-ups are given against both
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
@@ -101,6 +133,7 @@ class BenchConfig:
             raise ValueError(f"contenders: unknown {unknown}; choose from {', '.join(CONTENDERS)}")
         if "naive" not in self.contenders:
             raise ValueError("contenders: must include 'naive' (every speed-up is measured against it)")
+        self.contenders = tuple(sorted(self.contenders, key=list(CONTENDERS).index))  # table order
         for name in ("docs", "repeats", "baseline_repeats", "warmup_docs", "batch_size", "curve_length_docs", "curve_docs_length", "curve_threads_docs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -183,7 +216,7 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
         return Path(given)
     digest = checkpoint_hash(checkpoint)
     out = Path(config.cache_dir) / "exports" / digest[:16] / kind
-    wanted = {"onnx": ("fp32", "int8"), "gguf": GGUF_QUANTS}[kind]
+    wanted = {"onnx": ("fp32", "int8"), "gguf": (*GGUF_QUANTS, *(q + "-rank" for q in GGUF_QUANTS))}[kind]
     if has_manifest(out):
         try:
             manifest = Manifest.read(out)
@@ -207,11 +240,11 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
 
 
 def find_variant(directory: Path, key: str) -> str:
-    """The export variant whose name or quantization is `key` (case-insensitive)."""
+    """The export variant named `key`, else the first whose quantization is `key` (case-insensitive)."""
     from answerfirst.artifact import Manifest, ManifestError
 
     manifest = Manifest.read(directory)
-    for variant in manifest.variants:
+    for variant in sorted(manifest.variants, key=lambda v: v.name.lower() != key):
         if key in (variant.name.lower(), variant.quantization.lower()):
             return variant.name
     raise ManifestError(f"{directory} has no {key} variant (it has {', '.join(v.name for v in manifest.variants)})")
@@ -302,14 +335,10 @@ class ContenderResult:
 
 
 def machine_description() -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine: cores, CPU model and the ISA flags the adapters pick kernels by (runtime/_cpu.py),
+    memory, library versions."""
+    from answerfirst.runtime._cpu import features
+
     try:
         import psutil
 
@@ -317,14 +346,14 @@ def machine_description() -> dict[str, Any]:
     except ImportError:
         memory_gib = None
     versions = {}
-    for package in ("torch", "transformers", "onnxruntime", "llama_cpp", "numpy"):
+    for package in ("torch", "transformers", "onnxruntime", "openvino", "llama_cpp", "numpy"):
         try:
             versions[package] = __import__(package).__version__
         except (ImportError, AttributeError):
             versions[package] = None
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
+        **features().describe(),
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -350,10 +379,11 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"--model {checkpoint}: not a torch checkpoint directory (no config.json); "
                                 "benchmark a checkpoint and pass its exports with --onnx / --gguf")
-    results = {name: ContenderResult(name, *CONTENDERS[name][0:1], *CONTENDERS[name][2:]) for name in config.contenders}
+    results = {name: ContenderResult(name, CONTENDERS[name].artifact, CONTENDERS[name].precision, CONTENDERS[name].floor)
+               for name in config.contenders}
     exports: dict[str, Path | Exception] = {}
     for kind in ("onnx", "gguf"):
-        if any(CONTENDERS[name][0] == kind for name in config.contenders):
+        if any(CONTENDERS[name].artifact == kind for name in config.contenders):
             try:
                 exports[kind] = export_dir(kind, checkpoint, config, progress)
             except Exception as e:  # the contenders of this kind are recorded as skipped, with why
@@ -379,9 +409,10 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     # -- workers ----------------------------------------------------------------------------------
     threads = config.all_threads
     workers: dict[str, Worker] = {}
+    max_prompt_tokens = workload.prefix_tokens + max(workload.doc_tokens) + workload.suffix_tokens
     for name, result in results.items():
-        artifact, key = CONTENDERS[name][0], CONTENDERS[name][1]
-        if artifact in ("naive", "checkpoint"):
+        artifact, key = CONTENDERS[name].artifact, CONTENDERS[name].variant
+        if artifact == "checkpoint":
             result.path = str(checkpoint)
         else:
             export = exports[artifact]
@@ -394,8 +425,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
                 result.status, result.reason = "skipped", str(e)
                 continue
             result.path = str(export)
-        spec = {"name": name, "kind": "naive" if artifact == "naive" else "scorer", "path": result.path,
-                "variant": result.variant, "threads": threads, "batch_size": config.batch_size}
+        spec = {"name": name, "kind": CONTENDERS[name].worker, "path": result.path, "variant": result.variant,
+                "threads": threads, "batch_size": config.batch_size, "max_prompt_tokens": max_prompt_tokens}
         workers[name] = Worker(spec)
     try:
         _run_main_phase(config, workload, results, workers, deadline, progress)
@@ -426,8 +457,8 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
         progress(f"{name}: loaded in {ready['load_seconds']:.1f} s, RSS {ready['rss_bytes'] / 2**20:.0f} MiB")
     running = [name for name in workers if results[name].status == "ok"]
     # Every (contender, mode) timed, with its number of repeats: baselines (naive, no reuse) fewer.
-    plan = [(name, mode) for name in running for mode in (("noreuse",) if name == "naive" else ("reuse", "noreuse"))]
-    target = {(n, m): config.baseline_repeats if (n == "naive" or m == "noreuse") else config.repeats for n, m in plan}
+    plan = [(name, mode) for name in running for mode in CONTENDERS[name].modes]
+    target = {(n, m): config.baseline_repeats if (CONTENDERS[n].peer or m == "noreuse") else config.repeats for n, m in plan}
 
     warm = workload.head(min(config.warmup_docs, len(workload.docs)))
     for name, mode in plan:
@@ -476,7 +507,7 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
                      f"({len(workload.docs) / reply['seconds']:6.2f} pairs/s)")
     for name in running:
         result = results[name]
-        main_mode = "noreuse" if name == "naive" else "reuse"
+        main_mode = CONTENDERS[name].modes[0]
         if result.status == "ok" and main_mode in result.peak_rss_by_mode:
             result.peak_rss_bytes = max(result.peak_rss_bytes or 0, result.peak_rss_by_mode[main_mode])
 
@@ -518,7 +549,7 @@ def _compute_floor(config, shape, workload, prompts, measurements, progress) -> 
 
 def _run_curves(config, prompts, workload, results, workers, deadline, progress) -> dict[str, Any]:
     """ms per document vs document length, vs documents per query, vs threads, on the fastest backend."""
-    ours = [r for r in results.values() if r.name != "naive" and r.status == "ok" and r.latencies_s.get("reuse")]
+    ours = [r for r in results.values() if not CONTENDERS[r.name].peer and r.status == "ok" and r.latencies_s.get("reuse")]
     if not config.curves or not ours:
         return {"skipped": "curves switched off" if not config.curves else "no backend of ours ran"}
     best = min(ours, key=lambda r: float(np.median(r.latencies_s["reuse"])))
@@ -588,29 +619,33 @@ def _summarise(config, results, workload, shape, floor, curves, started, load_be
                 "p50_s": float(np.percentile(seconds, 50)), "p95_s": float(np.percentile(seconds, 95)),
                 "pairs_per_s": len(workload.docs) / mean, "ms_per_doc": 1000 * mean / len(workload.docs)}
 
-    naive = results["naive"]
-    naive_rate = stats(naive.latencies_s["noreuse"])["pairs_per_s"] if naive.latencies_s.get("noreuse") else None
+    baseline_rates = {name: stats(results[name].latencies_s["noreuse"])["pairs_per_s"]
+                      for name in BASELINES if name in results and results[name].latencies_s.get("noreuse")}
     reference = results.get(REFERENCE)
     reference_scores = reference.scores.get("reuse") if reference else None
     entries = []
     for result in results.values():
+        contender = CONTENDERS[result.name]
         entry: dict[str, Any] = {
-            "name": result.name, "artifact": result.artifact, "precision": result.precision, "status": result.status,
+            "name": result.name, "peer": contender.peer, "artifact": result.artifact, "precision": result.precision,
+            "status": result.status,
             "reason": result.reason, "path": result.path, "variant": result.variant,
             "load_seconds": result.load_seconds, "rss_after_load_bytes": result.rss_after_load_bytes,
             "peak_rss_bytes": result.peak_rss_bytes, "peak_rss_by_mode_bytes": result.peak_rss_by_mode,
             "modes": {mode: stats(lat) for mode, lat in result.latencies_s.items()},
         }
-        main_mode = "noreuse" if result.name == "naive" else "reuse"
+        main_mode = contender.modes[0]
         main = entry["modes"].get(main_mode)
         entry["pairs_per_s"] = main["pairs_per_s"] if main else None
         entry["p50_s"] = main["p50_s"] if main else None
         entry["p95_s"] = main["p95_s"] if main else None
         entry["ms_per_doc"] = main["ms_per_doc"] if main else None
-        entry["speedup_vs_naive"] = main["pairs_per_s"] / naive_rate if main and naive_rate else None
+        for baseline, key in zip(BASELINES, ("speedup_vs_naive", "speedup_vs_keep1"), strict=True):
+            rate = baseline_rates.get(baseline)
+            entry[key] = main["pairs_per_s"] / rate if main and rate else None
         no_reuse = entry["modes"].get("noreuse")
         entry["prefix_reuse_speedup"] = (
-            main["pairs_per_s"] / no_reuse["pairs_per_s"] if main and no_reuse and result.name != "naive" else None
+            main["pairs_per_s"] / no_reuse["pairs_per_s"] if main and no_reuse and not contender.peer else None
         )
         floor_s = floor["seconds"][result.floor]
         entry["floor"] = {"kind": result.floor, "seconds": floor_s,
