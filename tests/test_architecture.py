@@ -25,12 +25,16 @@ LAYERS: dict[str, int] = {
 }
 ADAPTERS = ("answerfirst.runtime._torch", "answerfirst.runtime._onnx", "answerfirst.runtime._llamacpp")
 RUNTIME_API = ("answerfirst.runtime", "answerfirst.runtime.api")  # the public runtime: what their __all__ name
+# runtime/'s helpers that tools may also use, by their __all__: the CPU's features (the benchmark records
+# them) and an export's tokenizer without transformers (the llama.cpp peer of the benchmark reads it).
+HELPERS = ("answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer")
 # Inside runtime/: what each private module may import from runtime/ (never api.py or the package).
 RUNTIME_IMPORTS = {
     "answerfirst.runtime._common": set(),
     "answerfirst.runtime._tokenizer": set(),
-    "answerfirst.runtime._torch": {"answerfirst.runtime._common"},
-    "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._tokenizer"},
+    "answerfirst.runtime._cpu": set(),
+    "answerfirst.runtime._torch": {"answerfirst.runtime._common", "answerfirst.runtime._cpu"},
+    "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
     "answerfirst.runtime._llamacpp": {"answerfirst.runtime._common", "answerfirst.runtime._tokenizer"},
 }
 # What code outside runtime/ may use of `scorer.backend`: the Backend protocol (runtime/_common.py),
@@ -87,7 +91,7 @@ def test_imports_run_one_way(importer):
 
 def test_outside_runtime_only_public_adapter_names_and_backend_surface():
     """Tools (serve/ included) use what runtime/'s modules name in `__all__`, and no other adapter module."""
-    public = {name: set(importlib.import_module(name).__all__) for name in (*ADAPTERS, *RUNTIME_API)}
+    public = {name: set(importlib.import_module(name).__all__) for name in (*ADAPTERS, *HELPERS, *RUNTIME_API)}
     problems = []
     for importer, tree in SOURCES.items():
         if importer.startswith("answerfirst.runtime"):
