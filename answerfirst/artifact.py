@@ -7,7 +7,7 @@ parity measured against torch at export time.
 
     {
       "format_version": 1,
-      "kind": "checkpoint" | "onnx" | "gguf",
+      "kind": "checkpoint" | "onnx" | "gguf" | "openvino",
       "format": {grades, values, rubric, max_doc_tokens, prompt_template, answer_end},
       "grade_token_ids": [...],
       "source": {"model": "...", "sha256": "..."},
@@ -29,7 +29,7 @@ from answerfirst.afrl import AFRLFormat, FormatError, PromptTokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "answerfirst.json"
-KINDS = ("checkpoint", "onnx", "gguf")
+KINDS = ("checkpoint", "onnx", "gguf", "openvino")
 
 
 class ManifestError(ValueError):

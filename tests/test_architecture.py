@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "answerfirst.export": 3, "answerfirst.distill": 3, "answerfirst.bench": 3, "answerfirst.demo": 3,
     "answerfirst.serve": 3, "answerfirst.cli": 3, "answerfirst.offline": 3,
 }
-ADAPTERS = ("answerfirst.runtime._torch", "answerfirst.runtime._onnx", "answerfirst.runtime._llamacpp")
+ADAPTERS = ("answerfirst.runtime._torch", "answerfirst.runtime._onnx", "answerfirst.runtime._openvino", "answerfirst.runtime._llamacpp")
 RUNTIME_API = ("answerfirst.runtime", "answerfirst.runtime.api")  # the public runtime: what their __all__ name
 # runtime/'s helpers that tools may also use, by their __all__: the CPU's features (the benchmark records
 # them) and an export's tokenizer without transformers (the llama.cpp peer of the benchmark reads it).
@@ -36,6 +36,9 @@ RUNTIME_IMPORTS = {
     "answerfirst.runtime._torch": {"answerfirst.runtime._common", "answerfirst.runtime._cpu"},
     "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
     "answerfirst.runtime._llamacpp": {"answerfirst.runtime._common", "answerfirst.runtime._tokenizer"},
+    # OpenVINO runs the ONNX adapter's graph and scoring logic on another engine
+    "answerfirst.runtime._openvino": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._onnx",
+                                      "answerfirst.runtime._tokenizer"},
 }
 # What code outside runtime/ may use of `scorer.backend`: the Backend protocol (runtime/_common.py),
 # plus the torch adapter's documented `model` and `device` (label's trace generation, the ONNX

@@ -8,7 +8,7 @@
 Contenders: the peers a user has without answerfirst, (a) naive (Qwen3-Reranker model-card style:
 left-padded full forward, logits[:, -1]), (a') naive-keep1 (the same plus logits_to_keep=1) and
 (a'') llamacpp-rank (llama.cpp's own RANK pooling on our rank GGUF, whole prompts); and ours, (b)
-torch fp32, (c) ONNX fp32, (d) ONNX int8, (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with
+torch fp32, (c) ONNX fp32, (d) ONNX int8, (d') OpenVINO int8 weights, (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with
 prefix reuse on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is
 measured; a peer has no prefix reuse ("noreuse" only).
 
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 class Contender:
     """One row of the benchmark.
 
-    artifact: what it loads (checkpoint | onnx | gguf); variant: the export variant it runs;
+    artifact: what it loads (checkpoint | onnx | openvino | gguf); variant: the export variant it runs;
     precision: of its weights; floor: the compute floor it is held to (fp32 | int8);
     worker: how its process scores: "scorer" (answerfirst.load, timed with prefix reuse on and off)
         or a peer, the code a user writes without answerfirst (naive, naive-keep1, llamacpp-rank),
@@ -77,6 +77,7 @@ CONTENDERS: dict[str, Contender] = {
     "torch-fp32": Contender("checkpoint", None, "fp32", "fp32"),
     "onnx-fp32": Contender("onnx", "fp32", "fp32", "fp32"),
     "onnx-int8": Contender("onnx", "int8", "int8", "int8"),
+    "openvino-int8": Contender("openvino", "int8", "int8", "int8"),
     "gguf-f16": Contender("gguf", "f16", "f16", "fp32"),
     "gguf-q8_0": Contender("gguf", "q8_0", "q8_0", "int8"),
     "gguf-q4_k_m": Contender("gguf", "q4_k_m", "q4_k_m", "int8"),
@@ -91,8 +92,8 @@ class BenchConfig:
     """What `answerfirst bench` runs; the defaults are the full run, `quick()` the reduced one.
 
     model: a torch checkpoint to benchmark; None = a random Qwen3-0.6B with the real Qwen vocabulary
-        (built once, cached under cache_dir). onnx / gguf: existing exports of that model; None =
-        export the model once and cache the exports under cache_dir.
+        (built once, cached under cache_dir). onnx / openvino / gguf: existing exports of that model;
+        None = export the model once and cache the exports under cache_dir.
     num_layers: override the random model's depth (the quick run uses a shallower Qwen3-0.6B).
     threads: threads of every contender; None = all cores.
     budget_s: wall-clock budget of the measurements (building and exporting the model, done once and
@@ -104,6 +105,7 @@ class BenchConfig:
     quick: bool = False
     model: str | None = None
     onnx: str | None = None
+    openvino: str | None = None
     gguf: str | None = None
     out_dir: str = "bench/results"
     cache_dir: str = "artifacts/bench"
@@ -211,12 +213,13 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
     """The cached ONNX or GGUF export of `checkpoint` (exported now if missing or stale)."""
     from answerfirst.artifact import Manifest, ManifestError, checkpoint_hash, has_manifest
 
-    given = config.onnx if kind == "onnx" else config.gguf
+    given = {"onnx": config.onnx, "gguf": config.gguf, "openvino": config.openvino}[kind]
     if given is not None:
         return Path(given)
     digest = checkpoint_hash(checkpoint)
     out = Path(config.cache_dir) / "exports" / digest[:16] / kind
-    wanted = {"onnx": ("fp32", "int8"), "gguf": (*GGUF_QUANTS, *(q + "-rank" for q in GGUF_QUANTS))}[kind]
+    wanted = {"onnx": ("fp32", "int8"), "openvino": ("int8",),
+              "gguf": (*GGUF_QUANTS, *(q + "-rank" for q in GGUF_QUANTS))}[kind]
     if has_manifest(out):
         try:
             manifest = Manifest.read(out)
@@ -227,7 +230,7 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
             logger.warning("re-exporting %s: %s", out, e)
     progress(f"exporting {checkpoint} to {kind} in {out} (once; later runs reuse it)")
     started = time.perf_counter()
-    # In a child process: a real-size export peaks near 10 GB, and memory a Python process has
+    # In a child process: a real-size export peaks near 6 GB, and memory a Python process has
     # touched is not handed back, so exporting here would leave the runner that large while the
     # contender workers load beside it.
     command = [sys.executable, "-m", "answerfirst.cli", "export", kind, "--model", str(checkpoint), "--out", str(out)]
@@ -378,11 +381,11 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     checkpoint = Path(config.model) if config.model else random_checkpoint(cache_dir, config.num_layers, progress)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"--model {checkpoint}: not a torch checkpoint directory (no config.json); "
-                                "benchmark a checkpoint and pass its exports with --onnx / --gguf")
+                                "benchmark a checkpoint and pass its exports with --onnx / --openvino / --gguf")
     results = {name: ContenderResult(name, CONTENDERS[name].artifact, CONTENDERS[name].precision, CONTENDERS[name].floor)
                for name in config.contenders}
     exports: dict[str, Path | Exception] = {}
-    for kind in ("onnx", "gguf"):
+    for kind in ("onnx", "openvino", "gguf"):
         if any(CONTENDERS[name].artifact == kind for name in config.contenders):
             try:
                 exports[kind] = export_dir(kind, checkpoint, config, progress)
@@ -688,6 +691,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced run (4-layer model, 8 docs, short curves): a few minutes")
     parser.add_argument("--model", default=None, help="torch checkpoint to benchmark (default: random Qwen3-0.6B, Qwen vocab)")
     parser.add_argument("--onnx", default=None, help="existing ONNX export of --model (default: export once, cached)")
+    parser.add_argument("--openvino", default=None, help="existing OpenVINO export of --model (default: export once, cached)")
     parser.add_argument("--gguf", default=None, help="existing GGUF export of --model (default: export once, cached)")
     parser.add_argument("--out", default=None, help="results directory (default bench/results; quick: artifacts/bench/results-quick)")
     parser.add_argument("--cache", default=None, help="artifact cache (default artifacts/bench)")
@@ -705,7 +709,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     overrides: dict[str, Any] = {}
-    for arg, name in (("model", "model"), ("onnx", "onnx"), ("gguf", "gguf"), ("out", "out_dir"), ("cache", "cache_dir"),
+    for arg, name in (("model", "model"), ("onnx", "onnx"), ("openvino", "openvino"), ("gguf", "gguf"), ("out", "out_dir"), ("cache", "cache_dir"),
                       ("docs", "docs"), ("repeats", "repeats"), ("baseline_repeats", "baseline_repeats"),
                       ("threads", "threads"), ("layers", "num_layers")):
         if getattr(args, arg) is not None:

@@ -216,7 +216,7 @@ def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, causal, sizes
 
 def _linear(module, x):
     """x @ Wᵀ of a bias-free nn.Linear, over the (in, out) weight `_transpose_linears` left in place of
-    its (out, in) one, so the traced MatMul reads the parameter itself (see _export_graph)."""
+    its (out, in) one, so the traced MatMul reads the parameter itself (see export_graph)."""
     import torch
 
     return torch.matmul(x, module.weight_t) if hasattr(module, "weight_t") else module(x)
@@ -237,7 +237,7 @@ def _transpose_linears(graph) -> None:
             del module.weight
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Collect what Python freed and hand the allocator's free pages back to the OS (glibc keeps freed
     blocks below its mmap threshold, such as a layer's weights, in its heap: without this the RSS of
     the export stays at its high-water mark into the next step)."""
@@ -258,7 +258,7 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _check_architecture(model: Any) -> None:
+def check_architecture(model: Any) -> None:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
@@ -277,14 +277,14 @@ def _check_architecture(model: Any) -> None:
         raise ValueError(f"{type(model).__name__} is not a Qwen3/Llama-style decoder; the ONNX exporter cannot build its graph")
 
 
-def _export_graph(model: Any, grade_ids: Sequence[int], path: Path, opset: int, metadata: dict[str, str]) -> None:
+def export_graph(model: Any, grade_ids: Sequence[int], path: Path, opset: int, metadata: dict[str, str]) -> None:
     """Trace the scoring graph to `path` (+ `path`.data when large), with metadata for the runtime."""
     import onnx
     import torch
 
     graph = _scoring_graph_class()(model, grade_ids).eval()
     _transpose_linears(graph)  # the model is changed in place: export_onnx traces it last
-    _release_memory()
+    release_memory()
     layers, kv, d = len(graph.layers), graph.kv_heads, graph.head_dim
     past_names = [n for i in range(layers) for n in (f"past_key.{i}", f"past_value.{i}")]
     present_names = [n.replace("past_", "present_") for n in past_names]
@@ -481,17 +481,17 @@ def export_onnx(
     from answerfirst.runtime import load
 
     model_dir, out = Path(model_dir), Path(out_dir)
-    student_manifest, pairs = _check_inputs(model_dir, out, probe_pairs)
+    student_manifest, pairs = check_inputs(model_dir, out, probe_pairs)
     started = time.perf_counter()
     logger.info("export onnx: %s -> %s (%s)", model_dir, out, asdict(config))
 
     reference = load(model_dir, backend="torch", threads=threads)  # the torch fp32 model: the parity reference
     model, prompts = reference.backend.model, reference.prompts
-    _check_architecture(model)
+    check_architecture(model)
     sha = checkpoint_hash(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answerfirst.json").unlink(missing_ok=True)  # no manifest until every file it names is complete
-    metadata = _graph_metadata(model, prompts.grade_ids, sha)
+    metadata = graph_metadata(model, prompts.grade_ids, sha)
 
     fp32_path = out / FP32_FILE
     step = _Steps(3 + (1 if config.int8 else 0))
@@ -501,11 +501,11 @@ def export_onnx(
         step("fp32 graph already exported from these weights; reusing %s", fp32_path.name)
     else:
         step("exporting the fp32 graph to %s", fp32_path.name)
-        _export_graph(model, prompts.grade_ids, fp32_path, config.opset, {**metadata, "answerfirst.quantization": "fp32"})
+        export_graph(model, prompts.grade_ids, fp32_path, config.opset, {**metadata, "answerfirst.quantization": "fp32"})
     # The torch model is done with (reference scores, trace): free its 2.4 GB (Qwen3-0.6B) before the
     # onnxruntime sessions open, so the export's peak is the trace's, not the sum of every step's.
     del reference, model
-    _release_memory()
+    release_memory()
 
     def parity(path: Path, thresholds: ParityThresholds, prepack: bool) -> dict[str, Any]:
         return _parity(path, prompts.pad_id, prompts, ref_scores, pairs, thresholds, threads, prepack)
@@ -525,33 +525,35 @@ def export_onnx(
 
     step("writing tokenizer and answerfirst.json")
     info["export_seconds"] = round(time.perf_counter() - started, 1)
-    return _write_manifest(out, model_dir, sha, prompts, variants, info, pairs, student_manifest)
+    return write_manifest(out, model_dir, sha, prompts, variants, info, pairs, student_manifest)
 
 
-def _write_manifest(
+def write_manifest(
     out: Path, model_dir: Path, sha: str, prompts: Any, variants: list[Variant], info: dict[str, Any],
-    pairs: list[tuple[str, str]], student_manifest: Manifest | None,
+    pairs: list[tuple[str, str]], student_manifest: Manifest | None, kind: str = "onnx",
+    files: Callable[[str], list[str]] = lambda file: [file, file + ".data"],
 ) -> Manifest:
-    """The tokenizer and answerfirst.json, written last: a manifest names only complete files (with
-    their sizes and sha256, the tokenizer's included)."""
+    """The tokenizer and answerfirst.json of a graph export (ONNX, or OpenVINO: export/openvino.py),
+    written last: a manifest names only complete files (with their sizes and sha256, the tokenizer's
+    included). files: the files of one variant's graph."""
     tokenizer_files = [Path(f).name for f in prompts.tokenizer.save_pretrained(out)]
     info["probe_pairs"] = [list(p) for p in pairs]
     info["student_info"] = {k: v for k, v in (student_manifest.info if student_manifest else {}).items() if k != "probe_pairs"}
-    manifest = Manifest(kind="onnx", format=prompts.format, grade_token_ids=prompts.grade_ids,
+    manifest = Manifest(kind=kind, format=prompts.format, grade_token_ids=prompts.grade_ids,
                         source={"model": str(model_dir), "sha256": sha}, variants=variants, info=info)
-    finalize_files(manifest, out, [name for v in variants for name in (v.file, v.file + ".data")] + tokenizer_files)
+    finalize_files(manifest, out, [name for v in variants for name in files(v.file)] + tokenizer_files)
     manifest.write(out)
     failed = [v.name for v in variants if not v.parity_passed]
     if failed:
         logger.warning(
-            "export onnx: variant(s) %s did NOT pass parity; recorded as passed=false in %s (load() skips them "
-            "unless named with variant=...)", ", ".join(failed), out / "answerfirst.json",
+            "export %s: variant(s) %s did NOT pass parity; recorded as passed=false in %s (load() skips them "
+            "unless named with variant=...)", kind, ", ".join(failed), out / "answerfirst.json",
         )
-    logger.info("export onnx: done in %.1f s", info["export_seconds"])
+    logger.info("export %s: done in %.1f s", kind, info["export_seconds"])
     return manifest
 
 
-def _check_inputs(
+def check_inputs(
     model_dir: Path, out: Path, probe_pairs: Sequence[tuple[str, str]] | None
 ) -> tuple[Manifest | None, list[tuple[str, str]]]:
     """The student's manifest (None for a plain HF checkpoint) and the parity probe pairs."""
@@ -568,7 +570,7 @@ def _check_inputs(
     return student_manifest, pairs
 
 
-def _graph_metadata(model: Any, grade_ids: Sequence[int], sha: str) -> dict[str, str]:
+def graph_metadata(model: Any, grade_ids: Sequence[int], sha: str) -> dict[str, str]:
     """What every graph records about itself; the runtime checks it against the manifest."""
     shape = Qwen3Shape.from_config(model.config)
     return {

@@ -49,8 +49,10 @@ from answerfirst.runtime._common import DEFAULT_MAX_QUERY_TOKENS, Backend, Prefi
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "gguf")
-BACKEND_OF_KIND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}  # artifact.artifact_kind -> backend
+BACKENDS = ("torch", "onnx", "gguf", "openvino")
+BACKEND_OF_KIND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf", "openvino": "openvino"}  # artifact_kind -> backend
+# Backends that can also run another kind of artifact: OpenVINO reads an ONNX export's fp32 graph.
+ALSO_RUNS = {"openvino": ("onnx",)}
 DEFAULT_MODEL_ENV = "ANSWERFIRST_MODEL"
 DEFAULT_MODEL_PATH = "artifacts/student"
 
@@ -271,12 +273,14 @@ def load(
     location = Path(path)
     kind, manifest = artifact_kind(location)
     chosen = BACKEND_OF_KIND[kind] if backend == "auto" else backend
-    if chosen != BACKEND_OF_KIND[kind]:
+    if chosen != BACKEND_OF_KIND[kind] and kind not in ALSO_RUNS.get(chosen, ()):
         raise ValueError(f"{location} is a {kind} artifact; backend={backend!r} cannot load it (use backend='auto')")
     if quantization is not None and chosen != "torch":
         raise ValueError(f"quantization={quantization!r} applies to torch checkpoints; {kind} exports are quantized at export")
     if variant is not None and chosen == "torch":
         raise ValueError("variant= selects a file of an ONNX or GGUF export; a checkpoint has one")
+    if chosen == "openvino" and kind == "onnx":
+        variant = variant or "fp32"  # the graph OpenVINO reads (runtime/_openvino.py)
     if chosen == "torch" and location.is_dir():
         check_checkpoint_files(location)
     if verify:
@@ -293,6 +297,12 @@ def load(
         if device != "cpu":
             logger.warning("the onnx backend runs on the CPU execution provider; device=%r ignored", device)
         adapter, prompts = open_onnx(location, manifest, threads, variant, config)
+    elif chosen == "openvino":
+        from answerfirst.runtime._openvino import open_openvino
+
+        if device != "cpu":
+            logger.warning("the openvino backend runs on OpenVINO's CPU plugin; device=%r ignored", device)
+        adapter, prompts = open_openvino(location, manifest, threads, variant, config)
     else:
         from answerfirst.runtime._llamacpp import open_gguf
 
