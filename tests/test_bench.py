@@ -172,6 +172,12 @@ def test_runner_end_to_end(bench_results):
     assert [m["when"] for m in floor["measurements"]] == ["before the workers start", "after the main phase"]
     assert floor["fp32_gflops"] == max(m["fp32_gflops"] for m in floor["measurements"])
     assert floor["int8_gops"] == max(m["int8_gops"] for m in floor["measurements"])
+    # the int8 rate is the faster of the two int8 GEMMs measured, each recorded
+    for m in floor["measurements"]:
+        kernels = m["int8_kernels_gops"]
+        assert set(kernels) == {"torch._int_mm", "onnxruntime MatMulInteger"} and min(kernels.values()) > 0
+        assert m["int8_gops"] == pytest.approx(max(kernels.values()))
+    assert floor["bf16_gflops"] > 0
     assert floor["useful_tokens"] == sum(results["workload"]["doc_tokens"]) + 3 * results["workload"]["suffix_tokens"]
     curves = results["curves"]
     assert curves["backend"] in by_name and curves["backend"] != "naive"

@@ -125,7 +125,7 @@ class BenchConfig:
     curve_docs_length: int = 128
     curve_threads: tuple[int, ...] = (1, 2, 0)  # 0 = all cores
     curve_threads_docs: int = 16
-    budget_s: float = 22 * 60
+    budget_s: float = 30 * 60  # issue 16 added two peers (naive-keep1, llamacpp-rank) and OpenVINO
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -516,11 +516,19 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
 
 
 def _measure_rates(config, shape, workload, when: str) -> dict[str, Any]:
-    """This machine's fp32 and int8 matmul throughput at the model's shapes, rows = one batch of
-    continuations (`when` labels the measurement in the results)."""
+    """This machine's matmul throughput at the model's shapes, rows = one batch of continuations
+    (`when` labels the measurement in the results): fp32, bf16 (for the record: bf16 contenders hold
+    no floor of their own), and int8 as the faster of torch._int_mm and onnxruntime's MatMulInteger
+    (on an AMX Xeon onnxruntime's int8 GEMM outran torch's, so torch's alone would set a floor our
+    own kernels pass)."""
+    from answerfirst.bench.flops import onnxruntime_int8_throughput
+
     rows = min(config.batch_size, len(workload.docs)) * int(np.mean(workload.continuation_lens))
-    rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "int8")}
-    return {"when": when, "rows": rows, **rates}
+    rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "bf16")}
+    int8 = {"torch._int_mm": matmul_throughput(shape, rows, "int8", config.all_threads),
+            "onnxruntime MatMulInteger": onnxruntime_int8_throughput(shape, rows, config.all_threads)}
+    return {"when": when, "rows": rows, **rates, "int8": max(int8.values()), "loadavg": os.getloadavg()[0],
+            "int8_kernels": {name: rate / 1e9 for name, rate in int8.items()}}
 
 
 def _compute_floor(config, shape, workload, prompts, measurements, progress) -> dict[str, Any]:
@@ -534,7 +542,9 @@ def _compute_floor(config, shape, workload, prompts, measurements, progress) -> 
         "threads": config.all_threads,
         "fp32_gflops": rates["fp32"] / 1e9,
         "int8_gops": rates["int8"] / 1e9,
-        "measurements": [{"when": m["when"], "fp32_gflops": m["fp32"] / 1e9, "int8_gops": m["int8"] / 1e9}
+        "bf16_gflops": max(m["bf16"] for m in measurements) / 1e9,
+        "measurements": [{"when": m["when"], "fp32_gflops": m["fp32"] / 1e9, "bf16_gflops": m["bf16"] / 1e9,
+                          "int8_gops": m["int8"] / 1e9, "int8_kernels_gops": m["int8_kernels"], "loadavg": m["loadavg"]}
                          for m in measurements],
         "useful_gflop": flops.total / 1e9,
         "useful_linear_gflop": flops.linear / 1e9,
@@ -702,7 +712,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads per contender (default: all cores)")
     parser.add_argument("--layers", type=int, default=None, help="depth of the random model (default: 28, quick: 4)")
     parser.add_argument("--no-curves", action="store_true", help="skip the length / documents / threads curves")
-    parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 22, quick 4)")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 30, quick 4)")
     parser.add_argument("--render", default=None, metavar="BENCH_JSON",
                         help="measure nothing: rewrite the Markdown table and plots beside an existing bench.json")
 
