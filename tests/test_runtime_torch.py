@@ -273,6 +273,21 @@ def test_decoder_pass_equals_transformers_forward(tiny_scorer):
                                                         config.head_dim)] * config.num_hidden_layers  # one prefix, not one per row
 
 
+def test_grouped_kv_heads_in_the_kernel_equal_repeated_heads(tiny_scorer):
+    """Where SDPA reads grouped kv heads itself (checked at load), the adapter skips repeating them; the
+    logits are those of repeated heads."""
+    from answerfirst.runtime._torch import TorchBackend
+
+    grouped = tiny_scorer.backend
+    assert grouped.grouped_attention  # torch >= 2.5 takes enable_gqa on a CPU
+    repeated = TorchBackend(grouped.model, tiny_scorer.prompts.grade_ids, tiny_scorer.prompts.pad_id, grouped.device)
+    repeated.grouped_attention = False
+    plan = tiny_scorer.plan(QUERY, DOCS)
+    for forward_pass in plan.passes:
+        np.testing.assert_allclose(grouped.grade_logits(forward_pass.prefix_ids, forward_pass.continuations),
+                                   repeated.grade_logits(forward_pass.prefix_ids, forward_pass.continuations), rtol=0, atol=1e-6)
+
+
 def test_other_architectures_score_through_transformers_forward(tiny_checkpoint, tmp_path):
     """A Llama checkpoint: the adapter's own pass refuses it, transformers' forward scores it exactly."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
