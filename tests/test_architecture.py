@@ -44,7 +44,8 @@ RUNTIME_IMPORTS = {
 # plus the torch adapter's documented `model` and `device` (label's trace generation, the ONNX
 # exporter's tracing).
 BACKEND_SURFACE = {
-    "name", "artifact", "max_positions", "context_note", "grade_logits", "generate", "forget_prefixes", "close",
+    "name", "artifact", "max_positions", "context_note", "default_batch_tokens", "grade_logits", "generate",
+    "forget_prefixes", "close",
     "model", "device",
 }
 

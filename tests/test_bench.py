@@ -234,3 +234,36 @@ def test_render_rewrites_the_report_from_bench_json(bench_results, tmp_path, cap
     (tmp_path / "broken.json").write_text("{not json")
     assert main(["bench", "--render", str(tmp_path / "broken.json")]) == 2
     assert "not a readable bench.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_device_bench_end_to_end_on_the_cpu(tiny_checkpoint, tmp_path):
+    """`answerfirst bench --device` on the CPU (the GPU run is bench/gpu_check.sh): every contender
+    measured, MFU and docs/s derived from the latencies, quality against fp32 on the same device."""
+    from answerfirst.bench.gpu import CONTENDERS as DEVICE_CONTENDERS
+    from answerfirst.bench.gpu import DeviceBenchConfig, run_device_benchmark, write_report
+
+    config = DeviceBenchConfig(device="cpu", model=str(tiny_checkpoint), out_dir=str(tmp_path), docs=6, doc_tokens=(20, 40),
+                               repeats=2, budgets=(300,), reference_docs=6, peak_size=128,
+                               contenders=tuple(c for c in DEVICE_CONTENDERS if c != "8bit"))
+    results = run_device_benchmark(config)
+    json.dumps(results)
+    by_name = {c["name"]: c for c in results["contenders"]}
+    assert list(by_name) == ["careful-b64", "careful-b256", "default", "noreuse", "transformers-forward", "tokens-300", "4bit"]
+    peak, useful = results["peak"]["flops_per_s"], results["useful"]["tflop"] * 1e12
+    for c in by_name.values():
+        assert c["status"] == "ok", c["reason"]
+        assert c["repeats"] == 2 and c["p50_s"] == pytest.approx(float(np.median(c["latencies_s"])))
+        assert c["docs_per_s"] == pytest.approx(6 / c["p50_s"]) and c["mfu"] == pytest.approx(useful / c["p50_s"] / peak)
+        assert c["quality"]["docs"] == 6
+    # fp32 on the CPU: every unquantized contender scores what the fp32 reference does; 4-bit does not
+    for name in ("careful-b64", "default", "noreuse", "transformers-forward", "tokens-300"):
+        assert by_name[name]["quality"]["max_abs_dp"] < 1e-5, name
+    assert by_name["4bit"]["quality"]["max_abs_dp"] > 1e-4
+    assert by_name["default"]["batch"] == "4096 tokens (device default)" and by_name["tokens-300"]["batch"] == "300 tokens"
+    profile = results["profile"]
+    assert sum(profile["pass_documents"]) == 6 and len(profile["pass_seconds"]) == len(profile["pass_documents"])
+    paths = write_report(results, tmp_path)
+    text = paths["markdown"].read_text()
+    assert "| default | float32 | 4096 tokens (device default) |" in text and "default load ≥ 2000 docs/s" in text
+    assert "aten::" in paths["profile"].read_text()

@@ -713,6 +713,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="depth of the random model (default: 28, quick: 4)")
     parser.add_argument("--no-curves", action="store_true", help="skip the length / documents / threads curves")
     parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 30, quick 4)")
+    parser.add_argument("--device", default=None, help="benchmark the torch scorer on this device (cuda, cuda:N, cpu) in one "
+                        "process, against a careful transformers user: docs/s and MFU (bench/gpu.py; default: every CPU backend)")
     parser.add_argument("--render", default=None, metavar="BENCH_JSON",
                         help="measure nothing: rewrite the Markdown table and plots beside an existing bench.json")
 
@@ -738,6 +740,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     from answerfirst.bench.report import write_report
 
+    if args.device is not None:
+        from answerfirst.bench import gpu
+
+        return gpu.run(args)
     if args.render:
         source = Path(args.render)
         try:

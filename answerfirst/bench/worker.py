@@ -45,7 +45,7 @@ def open_contender(spec: dict[str, Any]) -> dict[str, Any]:
         return {"noreuse": peer}
     import answerfirst
 
-    config = answerfirst.ScorerConfig(batch_size=batch_size)
+    config = answerfirst.ScorerConfig()  # the shipped defaults: the CPU token budget (batch_size is the naive reference's)
     scorer = answerfirst.load(spec["path"], threads=threads, variant=spec.get("variant"), config=config)
     # Same adapter (same weights, same threads), prefix reuse switched off: its gain is measured.
     no_reuse = answerfirst.Scorer(scorer.backend, scorer.prompts, replace(config, reuse_prefix=False), scorer.manifest)

@@ -48,7 +48,7 @@ import numpy as np
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import Manifest, bind_format, check_file_sizes
 from answerfirst.extras import missing_extra
-from answerfirst.runtime._common import ScorerConfig
+from answerfirst.runtime._common import CPU_BATCH_TOKENS, ScorerConfig
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
 
 logger = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def open_gguf(
 
 class LlamaCppBackend:
     name = "gguf"
+    default_batch_tokens = CPU_BATCH_TOKENS  # the CPU build of llama.cpp
 
     def __init__(
         self, llama_cpp: Any, path: Path, grade_ids: Sequence[int], threads: int | None, config: ScorerConfig,
@@ -309,7 +310,12 @@ class LlamaCppBackend:
 
         if threads is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.n_seq = int(min(config.batch_size + 1, llama_cpp.llama_max_parallel_sequences()))
+        # seq 0 (the prefix) + one per document of a decode; _groups splits a pass into decodes of at
+        # most n_seq - 1 documents (and n_ctx cells), so a pass may hold more documents than that.
+        # llama.cpp reserves an output row per sequence and aborts (GGML_ASSERT n_outputs_max) when
+        # n_seq_max exceeds the n_batch rows a decode can output.
+        most = min(llama_cpp.llama_max_parallel_sequences(), config.n_batch)
+        self.n_seq = int(most if config.batch_size is None else min(config.batch_size + 1, most))
         self.n_batch = config.n_batch
         if self.n_batch < self.n_seq:  # llama.cpp would abort the process creating this context
             self.close()
