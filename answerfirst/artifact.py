@@ -7,7 +7,7 @@ parity measured against torch at export time.
 
     {
       "format_version": 1,
-      "kind": "checkpoint" | "onnx" | "gguf",
+      "kind": "checkpoint" | "onnx" | "gguf" | "openvino",
       "format": {grades, values, rubric, max_doc_tokens, prompt_template, answer_end},
       "grade_token_ids": [...],
       "source": {"model": "...", "sha256": "..."},
@@ -29,7 +29,7 @@ from answerfirst.afrl import AFRLFormat, FormatError, PromptTokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "answerfirst.json"
-KINDS = ("checkpoint", "onnx", "gguf")
+KINDS = ("checkpoint", "onnx", "gguf", "openvino")
 
 
 class ManifestError(ValueError):
@@ -331,10 +331,10 @@ def variant_files(manifest: Manifest, variant: Variant) -> list[str]:
     ones no variant owns (the tokenizer)."""
     recorded = set(manifest.info.get(SHA256_KEY, {})) | set(manifest.info.get(FILES_KEY, {}))
 
-    def owner(name: str) -> Variant | None:
-        return next((v for v in manifest.variants if name == v.file or name.startswith(v.file + ".")), None)
+    def owners(name: str) -> list[Variant]:  # two variants may read one file (GGUF: logits and rank paths)
+        return [v for v in manifest.variants if name == v.file or name.startswith(v.file + ".")]
 
-    return sorted(name for name in recorded if owner(name) in (None, variant))
+    return sorted(name for name in recorded if not owners(name) or variant in owners(name))
 
 
 def has_manifest(directory: str | Path) -> bool:

@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = VERBS[args.verb]
     if spec.one_shot:
         _quiet_libraries()
+        if not args.verbose:  # what load() picked (the batch budget) is a notice: -v shows it
+            logging.getLogger("answerfirst.runtime").setLevel(logging.WARNING)
     runner = run if spec.module == _RUNTIME_VERBS else importlib.import_module(spec.module).run
     try:
         return runner(args) or 0

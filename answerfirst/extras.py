@@ -4,9 +4,10 @@ The base install (numpy + tokenizers) scores nothing by itself; each backend and
 with an extra (pyproject.toml):
 
     onnx    onnxruntime                                   score an ONNX export
+    openvino openvino                                     score an OpenVINO export (or an ONNX one on OpenVINO)
     gguf    llama-cpp-python, gguf                        score a GGUF export
     torch   torch, transformers, accelerate, bitsandbytes score a checkpoint (8/4-bit too)
-    train   [torch] + [onnx], onnx, onnxscript, gguf      label, train, rl, distill-default, export
+    train   [torch] + [onnx] + [openvino], onnx, onnxscript, gguf, nncf   label, train, rl, distill-default, export
     demo    gradio                                        the demo page
     serve   fastapi, uvicorn, prometheus-client           the rerank HTTP service (answerfirst serve)
     bench   [train] + [gguf], matplotlib, psutil, httpx   the latency benchmark, serve-bench

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/parity_thresholds.py --model artifacts/student --work /tmp/parity-thresholds
 
-Exports the student (ONNX fp32 + int8 per-channel and per-tensor, GGUF F16 / Q8_0 / Q4_K_M) and the
+Exports the student (ONNX fp32 + int8 per-channel and per-tensor, OpenVINO int8 weights, GGUF F16 /
+Q8_0 / Q4_K_M through the logits and through the rank head) and the
 same exports of broken copies of it, then scores every variant on the student's probe pairs and
 compares it with the HEALTHY student in torch fp32 (what parity does at export). Broken copies are
 what a faulty converter or quantizer leaves:
@@ -63,13 +64,16 @@ def main() -> None:
     from answerfirst.artifact import Manifest
     from answerfirst.export.gguf import QUANTS, export_gguf
     from answerfirst.export.onnx import FP32_THRESHOLDS, INT8_THRESHOLDS, export_onnx
+    from answerfirst.export.openvino import INT8_THRESHOLDS as OPENVINO_THRESHOLDS
+    from answerfirst.export.openvino import export_openvino
     from answerfirst.export.parity import measure, probe_pairs, summary
     from answerfirst.runtime.api import ScorerConfig
 
     model, work = Path(args.model), Path(args.work)
     pairs = probe_pairs(Manifest.read(model))
     reference = answerfirst.load(model, threads=args.threads).score_pairs(pairs)
-    thresholds = {"fp32": FP32_THRESHOLDS, "int8": INT8_THRESHOLDS} | {q: QUANTS[q].thresholds for q in QUANTS}
+    thresholds = ({"fp32": FP32_THRESHOLDS, "int8": INT8_THRESHOLDS} | {q: QUANTS[q].thresholds for q in QUANTS}
+                  | {q + "-rank": QUANTS[q].rank_thresholds for q in QUANTS})
     exact_kv = ScorerConfig(kv_cache_type="f32", flash_attn=False, n_ctx=4096, batch_size=4)
     rows = []
     for name in ("healthy", *BROKEN):
@@ -81,12 +85,17 @@ def main() -> None:
             rows.append((name, f"onnx int8 {scheme}", measure(reference, lambda s=scorer: s.score_pairs(pairs), INT8_THRESHOLDS)))
         scorer = answerfirst.load(onnx_dir, variant="fp32", threads=args.threads)
         rows.append((name, "onnx fp32", measure(reference, lambda s=scorer: s.score_pairs(pairs), FP32_THRESHOLDS)))
+        openvino_dir = work / name / "openvino"
+        export_openvino(checkpoint, openvino_dir, probe_pairs=pairs, threads=args.threads)
+        scorer = answerfirst.load(openvino_dir, threads=args.threads)
+        precision = scorer.backend.session.precision
+        rows.append((name, f"openvino int8 ({precision})", measure(reference, lambda s=scorer: s.score_pairs(pairs), OPENVINO_THRESHOLDS)))
         export_gguf(checkpoint, gguf_dir, args.quants, probe_pairs=pairs, threads=args.threads, force=True)
         manifest = Manifest.read(gguf_dir)
         for variant in manifest.variants:
             scorer = answerfirst.load(gguf_dir, variant=variant.name, threads=args.threads, config=exact_kv)
             report = measure(reference, lambda s=scorer: s.score_pairs(pairs), thresholds[variant.name])
-            types = manifest.info["export"]["tensor_types"][variant.name]
+            types = manifest.info["export"]["tensor_types"][variant.name.removesuffix("-rank")]
             rows.append((name, f"gguf {variant.name} {types}", report))
             scorer.close()
     print(f"\n{len(pairs)} probe pairs of {model}; reference: the healthy student, torch fp32\n")

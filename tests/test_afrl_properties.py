@@ -122,3 +122,16 @@ def test_the_query_limit_refuses_and_never_cuts(prompts, query):
     if n > 1:
         with pytest.raises(FormatError, match=f"query is {n} tokens, over the limit of {n - 1}"):
             prompts.prefix_ids(query, max_query_tokens=n - 1)
+
+
+@PROPERTY
+@given(docs=st.lists(texts, min_size=1, max_size=12), limit=st.one_of(st.none(), st.integers(1, 30)))
+def test_a_query_s_documents_tokenize_as_one_batch_exactly_as_one_by_one(prompts, docs, limit):
+    """prompts() encodes the documents in one batch (on all cores); each gets the ids, cut and flag
+    that prompt() gives it alone, chat markers in the text included."""
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        return
+    assert prompts.prompts("red shoes", docs, max_doc_tokens=limit) == [
+        prompts.prompt("red shoes", d, max_doc_tokens=limit) for d in docs
+    ]

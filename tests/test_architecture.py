@@ -23,21 +23,29 @@ LAYERS: dict[str, int] = {
     "answerfirst.export": 3, "answerfirst.distill": 3, "answerfirst.bench": 3, "answerfirst.demo": 3,
     "answerfirst.serve": 3, "answerfirst.cli": 3, "answerfirst.offline": 3,
 }
-ADAPTERS = ("answerfirst.runtime._torch", "answerfirst.runtime._onnx", "answerfirst.runtime._llamacpp")
+ADAPTERS = ("answerfirst.runtime._torch", "answerfirst.runtime._onnx", "answerfirst.runtime._openvino", "answerfirst.runtime._llamacpp")
 RUNTIME_API = ("answerfirst.runtime", "answerfirst.runtime.api")  # the public runtime: what their __all__ name
+# runtime/'s helpers that tools may also use, by their __all__: the CPU's features (the benchmark records
+# them) and an export's tokenizer without transformers (the llama.cpp peer of the benchmark reads it).
+HELPERS = ("answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer")
 # Inside runtime/: what each private module may import from runtime/ (never api.py or the package).
 RUNTIME_IMPORTS = {
     "answerfirst.runtime._common": set(),
     "answerfirst.runtime._tokenizer": set(),
-    "answerfirst.runtime._torch": {"answerfirst.runtime._common"},
-    "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._tokenizer"},
+    "answerfirst.runtime._cpu": set(),
+    "answerfirst.runtime._torch": {"answerfirst.runtime._common", "answerfirst.runtime._cpu"},
+    "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
     "answerfirst.runtime._llamacpp": {"answerfirst.runtime._common", "answerfirst.runtime._tokenizer"},
+    # OpenVINO runs the ONNX adapter's graph and scoring logic on another engine
+    "answerfirst.runtime._openvino": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._onnx",
+                                      "answerfirst.runtime._tokenizer"},
 }
 # What code outside runtime/ may use of `scorer.backend`: the Backend protocol (runtime/_common.py),
 # plus the torch adapter's documented `model` and `device` (label's trace generation, the ONNX
 # exporter's tracing).
 BACKEND_SURFACE = {
-    "name", "artifact", "max_positions", "context_note", "grade_logits", "generate", "forget_prefixes", "close",
+    "name", "artifact", "max_positions", "context_note", "default_batch_tokens", "grade_logits", "generate",
+    "forget_prefixes", "close",
     "model", "device",
 }
 
@@ -87,7 +95,7 @@ def test_imports_run_one_way(importer):
 
 def test_outside_runtime_only_public_adapter_names_and_backend_surface():
     """Tools (serve/ included) use what runtime/'s modules name in `__all__`, and no other adapter module."""
-    public = {name: set(importlib.import_module(name).__all__) for name in (*ADAPTERS, *RUNTIME_API)}
+    public = {name: set(importlib.import_module(name).__all__) for name in (*ADAPTERS, *HELPERS, *RUNTIME_API)}
     problems = []
     for importer, tree in SOURCES.items():
         if importer.startswith("answerfirst.runtime"):

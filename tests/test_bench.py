@@ -115,24 +115,36 @@ def test_runner_end_to_end(bench_results):
     json.dumps(results)  # serialisable as is
     assert {"machine", "config", "model", "workload", "floor", "contenders", "curves"} <= results.keys()
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
+    from answerfirst.runtime._cpu import ISA_FLAGS, features
+
+    assert results["machine"]["cpu_flags"] == [f for f in ISA_FLAGS if f in features().flags]
     by_name = {c["name"]: c for c in results["contenders"]}
     assert list(by_name) == list(CONTENDERS)  # every contender present, in table order
     for c in by_name.values():
         assert c["status"] in ("ok", "skipped", "failed")
         assert c["status"] == "ok" or c["reason"], f"{c['name']} not measured and no reason given"
-    # naive, torch and both ONNX variants must run on any machine with the [onnx] extra
-    for name in ("naive", "torch-fp32", "onnx-fp32", "onnx-int8"):
+    # the peers, torch and both ONNX variants must run on any machine with the [bench] extra
+    for name in ("naive", "naive-keep1", "llamacpp-rank", "torch-fp32", "onnx-fp32", "onnx-int8", "openvino-int8"):
         assert by_name[name]["status"] == "ok", by_name[name]["reason"]
 
-    naive = by_name["naive"]
-    assert list(naive["modes"]) == ["noreuse"] and naive["modes"]["noreuse"]["repeats"] == config.baseline_repeats
-    naive_rate = 3 / np.mean(naive["modes"]["noreuse"]["latencies_s"])
-    assert naive["speedup_vs_naive"] == pytest.approx(1.0)
+    rates = {}
+    for name in ("naive", "naive-keep1"):
+        peer = by_name[name]
+        assert list(peer["modes"]) == ["noreuse"] and peer["modes"]["noreuse"]["repeats"] == config.baseline_repeats
+        rates[name] = 3 / np.mean(peer["modes"]["noreuse"]["latencies_s"])
+    naive_rate = rates["naive"]
+    assert by_name["naive"]["speedup_vs_naive"] == pytest.approx(1.0)
+    assert by_name["naive-keep1"]["speedup_vs_keep1"] == pytest.approx(1.0)
+    # logits_to_keep=1 changes which logits are computed, not the grade logits at the last position
+    assert by_name["naive-keep1"]["quality"]["max_abs_dp"] < 2e-3
+    assert list(by_name["llamacpp-rank"]["modes"]) == ["noreuse"] and by_name["llamacpp-rank"]["peer"]
     for c in by_name.values():
         if c["status"] != "ok":
             continue
         assert c["peak_rss_bytes"] > 50 * 2**20  # a Python process with a model: tens of MiB at least
-        if c["name"] == "naive":
+        assert c["speedup_vs_keep1"] == pytest.approx(c["pairs_per_s"] / rates["naive-keep1"])
+        if c["peer"]:
+            assert c["prefix_reuse_speedup"] is None
             continue
         reuse, no_reuse = c["modes"]["reuse"], c["modes"]["noreuse"]
         assert reuse["repeats"] == config.repeats and no_reuse["repeats"] == config.baseline_repeats
@@ -145,8 +157,12 @@ def test_runner_end_to_end(bench_results):
         # quantized per call, so the prefix alone gets its own scales: a small, bounded change)
         tolerance = 2e-3 if c["precision"] in ("fp32", "f16") else 0.05
         assert c["quality"]["reuse_vs_noreuse_max_abs_dp"] < tolerance, c["name"]
-    # fp32 contenders score like the torch reference on the same pairs
-    for name in ("naive", "onnx-fp32"):
+    # fp32 contenders score like the torch reference on the same pairs; llama.cpp's rank head on Q8_0
+    # weights within Q8_0's parity bound
+    from answerfirst.export.gguf import QUANTS
+
+    assert by_name["llamacpp-rank"]["quality"]["max_abs_dp"] < QUANTS["q8_0"].rank_thresholds.max_abs_dp
+    for name in ("naive", "naive-keep1", "onnx-fp32"):
         assert by_name[name]["quality"]["agreement"] == 1.0
         assert by_name[name]["quality"]["max_abs_dp"] < 2e-3
 
@@ -156,6 +172,12 @@ def test_runner_end_to_end(bench_results):
     assert [m["when"] for m in floor["measurements"]] == ["before the workers start", "after the main phase"]
     assert floor["fp32_gflops"] == max(m["fp32_gflops"] for m in floor["measurements"])
     assert floor["int8_gops"] == max(m["int8_gops"] for m in floor["measurements"])
+    # the int8 rate is the faster of the two int8 GEMMs measured, each recorded
+    for m in floor["measurements"]:
+        kernels = m["int8_kernels_gops"]
+        assert set(kernels) == {"torch._int_mm", "onnxruntime MatMulInteger"} and min(kernels.values()) > 0
+        assert m["int8_gops"] == pytest.approx(max(kernels.values()))
+    assert floor["bf16_gflops"] > 0
     assert floor["useful_tokens"] == sum(results["workload"]["doc_tokens"]) + 3 * results["workload"]["suffix_tokens"]
     curves = results["curves"]
     assert curves["backend"] in by_name and curves["backend"] != "naive"
@@ -174,8 +196,8 @@ def test_report_renders(bench_results, tmp_path):
     table = paths["markdown"].read_text()
     for name in CONTENDERS:
         assert f"| {name} |" in table
-    assert "### Targets" in table and "naive pairs/s" in table
-    assert "the FLOPs of this workload allow at most" in table
+    assert "### Targets" in table and "× naive pairs/s" in table and "× naive-keep1 pairs/s" in table
+    assert "the FLOPs of this workload allow" in table and "of the int8 compute floor" in table
     for key in ("throughput_png", "curves_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
 
@@ -212,3 +234,36 @@ def test_render_rewrites_the_report_from_bench_json(bench_results, tmp_path, cap
     (tmp_path / "broken.json").write_text("{not json")
     assert main(["bench", "--render", str(tmp_path / "broken.json")]) == 2
     assert "not a readable bench.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_device_bench_end_to_end_on_the_cpu(tiny_checkpoint, tmp_path):
+    """`answerfirst bench --device` on the CPU (the GPU run is bench/gpu_check.sh): every contender
+    measured, MFU and docs/s derived from the latencies, quality against fp32 on the same device."""
+    from answerfirst.bench.gpu import CONTENDERS as DEVICE_CONTENDERS
+    from answerfirst.bench.gpu import DeviceBenchConfig, run_device_benchmark, write_report
+
+    config = DeviceBenchConfig(device="cpu", model=str(tiny_checkpoint), out_dir=str(tmp_path), docs=6, doc_tokens=(20, 40),
+                               repeats=2, budgets=(300,), reference_docs=6, peak_size=128,
+                               contenders=tuple(c for c in DEVICE_CONTENDERS if c != "8bit"))
+    results = run_device_benchmark(config)
+    json.dumps(results)
+    by_name = {c["name"]: c for c in results["contenders"]}
+    assert list(by_name) == ["careful-b64", "careful-b256", "default", "noreuse", "transformers-forward", "tokens-300", "4bit"]
+    peak, useful = results["peak"]["flops_per_s"], results["useful"]["tflop"] * 1e12
+    for c in by_name.values():
+        assert c["status"] == "ok", c["reason"]
+        assert c["repeats"] == 2 and c["p50_s"] == pytest.approx(float(np.median(c["latencies_s"])))
+        assert c["docs_per_s"] == pytest.approx(6 / c["p50_s"]) and c["mfu"] == pytest.approx(useful / c["p50_s"] / peak)
+        assert c["quality"]["docs"] == 6
+    # fp32 on the CPU: every unquantized contender scores what the fp32 reference does; 4-bit does not
+    for name in ("careful-b64", "default", "noreuse", "transformers-forward", "tokens-300"):
+        assert by_name[name]["quality"]["max_abs_dp"] < 1e-5, name
+    assert by_name["4bit"]["quality"]["max_abs_dp"] > 1e-4
+    assert by_name["default"]["batch"] == "4096 tokens (device default)" and by_name["tokens-300"]["batch"] == "300 tokens"
+    profile = results["profile"]
+    assert sum(profile["pass_documents"]) == 6 and len(profile["pass_seconds"]) == len(profile["pass_documents"])
+    paths = write_report(results, tmp_path)
+    text = paths["markdown"].read_text()
+    assert "| default | float32 | 4096 tokens (device default) |" in text and "default load ≥ 2000 docs/s" in text
+    assert "aten::" in paths["profile"].read_text()

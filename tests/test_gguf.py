@@ -93,12 +93,14 @@ def test_tensor_table_agrees_with_gguf_tensor_name_map():
 def test_manifest_lists_variants_fastest_first_with_parity(gguf_export, tiny_checkpoint):
     manifest = Manifest.read(gguf_export)
     assert manifest.kind == "gguf"
-    assert [v.name for v in manifest.variants] == ["q8_0", "f16", "f32"]
+    # the logits path of each file, fastest first, then the same files through their rank head
+    assert [v.name for v in manifest.variants] == ["q8_0", "f16", "f32", "q8_0-rank", "f16-rank", "f32-rank"]
     assert all(v.parity_passed for v in manifest.variants), [v.parity for v in manifest.variants]
+    assert {v.file for v in manifest.variants} == {"student-q8_0.gguf", "student-f16.gguf", "student-f32.gguf"}
     assert manifest.source == {"model": str(tiny_checkpoint), "sha256": checkpoint_hash(tiny_checkpoint)}
     assert (gguf_export / "tokenizer.json").is_file()
     assert manifest.info["export"]["complete"] is True
-    assert manifest.info["export"]["tensor_types"]["q8_0"] == {"F32": 9, "Q8_0": 15}
+    assert manifest.info["export"]["tensor_types"]["q8_0"] == {"F32": 9, "Q8_0": 16}  # 15 + the rank head
     assert manifest.variant(None).name == "q8_0"
     assert answerfirst.load(gguf_export, threads=1).backend.path.name == "student-q8_0.gguf"
 
@@ -175,7 +177,7 @@ def test_f16_and_q8_0_within_their_stated_tolerances(gguf_export, tiny_scorer):
 def test_q4_k_m_on_a_256_aligned_model(k_quant_checkpoint, tmp_path):
     out = tmp_path / "k"
     manifest = export_gguf(k_quant_checkpoint, out, ("q8_0", "q4_k_m"), probe_pairs=PAIRS, threads=1)
-    assert [v.name for v in manifest.variants] == ["q4_k_m", "q8_0"]
+    assert [v.name for v in manifest.variants] == ["q4_k_m", "q8_0", "q4_k_m-rank", "q8_0-rank"]
     types = manifest.info["export"]["tensor_types"]["q4_k_m"]
     assert set(types) <= {"F32", "Q4_K", "Q6_K"} and types.get("Q4_K", 0) > 0, types  # no fallback types
     assert not list(out.glob("*f32*")), "the temporary F32 source must be removed"
@@ -198,6 +200,54 @@ def test_q4_k_m_on_a_256_aligned_model(k_quant_checkpoint, tmp_path):
     else:
         with pytest.raises(ManifestError, match="no variant of this export passed"):
             answerfirst.load(out, threads=1)
+
+
+def test_every_file_carries_a_rank_head_that_llama_cpp_reranking_reads(gguf_export, tiny_checkpoint):
+    """cls.output = the grade rows of the output head (highest grade first, as llama-server returns
+    its first output as the score), RANK pooling, the grade labels and the AFRL rerank template."""
+    from safetensors.numpy import load_file
+
+    from answerfirst.export.gguf import rank_order
+
+    manifest = Manifest.read(gguf_export)
+    order = rank_order(manifest.format)
+    assert [manifest.format.grades[k] for k in order] == ["4", "3", "2", "1", "0"]
+    reader = gguf.GGUFReader(gguf_export / "student-f32.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["qwen3.pooling_type"] == int(gguf.PoolingType.RANK)
+    assert fields["qwen3.classifier.output_labels"] == ["4", "3", "2", "1", "0"]
+    head = next(t for t in reader.tensors if t.name == "cls.output.weight")
+    embeddings = load_file(tiny_checkpoint / "model.safetensors")["model.embed_tokens.weight"]  # tied head
+    rows = [manifest.grade_token_ids[k] for k in order]
+    np.testing.assert_array_equal(np.asarray(head.data).reshape(len(rows), -1), embeddings[rows])
+    # llama-server's rerank template is our prompt: tokenized whole, ordinary text gives our ids
+    template = fields["tokenizer.chat_template.rerank"]
+    assert template.count("{query}") == 1 and template.count("{document}") == 1
+    scorer = answerfirst.load(gguf_export, variant="f32", threads=1)
+    prompt = scorer.prompts.prompt(QUERY, DOCS[0])
+    text = template.replace("{query}", QUERY).replace("{document}", DOCS[0])
+    assert scorer.backend.tokenize(text, parse_special=True) == prompt.input_ids
+
+
+def test_rank_variant_scores_through_the_rank_head_like_the_logits_path(gguf_export):
+    """"f32-rank" runs the same file with embeddings on (llama.cpp's RANK pooling and softmax over
+    all K outputs); its probabilities equal the logits path's, and the manifest's parity says so."""
+    logits = answerfirst.load(gguf_export, variant="f32", threads=1, config=F32_KV)
+    rank = answerfirst.load(gguf_export, variant="f32-rank", threads=1, config=F32_KV)
+    assert rank.backend.rank_columns is not None and logits.backend.rank_columns is None
+    assert list(rank.backend.rank_columns) == [4, 3, 2, 1, 0]  # output i of the head is grade 4 - i
+    np.testing.assert_allclose(as_array(rank.score(QUERY, DOCS)), as_array(logits.score(QUERY, DOCS)), atol=1e-5)
+    # a second query continues from its own prefix; documents that overflow one llama_decode chunk
+    # (n_batch) are read after the chunk that holds their last token
+    small = answerfirst.load(gguf_export, variant="f32-rank", threads=1, config=replace(F32_KV, n_batch=20, batch_size=4))
+    with pytest.raises(GGUFError, match="n_batch=8 is below the 17 sequences"):
+        answerfirst.load(gguf_export, variant="f32", threads=1, config=replace(F32_KV, n_batch=8))
+    np.testing.assert_allclose(as_array(small.score("wireless headphones", DOCS)),
+                               as_array(logits.score("wireless headphones", DOCS)), atol=1e-5)
+    parity = Manifest.read(gguf_export).variant("f32-rank").parity
+    assert parity["passed"] and parity["max_abs_dp"] < 1e-3
+    # explanations still run on the logits (embeddings are on only while documents are scored)
+    assert list(rank.explain(QUERY, DOCS[0], max_new_tokens=4)) == list(logits.explain(QUERY, DOCS[0], max_new_tokens=4))
 
 
 def test_prefix_reuse_equals_no_reuse_and_runs_the_prefix_once(gguf_export):

@@ -344,12 +344,12 @@ def external_copy(external_export, tmp_path) -> Path:
 
 
 def poison_matmul_weight(graph: Path, value: float) -> None:
-    """Overwrite the first MatMul weight stored in GRAPH.data with `value`, in place: the files keep
+    """Overwrite the first decoder linear weight stored in GRAPH.data with `value`, in place: the files keep
     their sizes."""
     import onnx
 
     proto = onnx.load(str(graph), load_external_data=False)
-    tensor = next(t for t in proto.graph.initializer if "MatMul" in t.name and t.external_data)
+    tensor = next(t for t in proto.graph.initializer if t.name.endswith("_proj.weight_t") and t.external_data)
     where = {e.key: e.value for e in tensor.external_data}
     count = int(where["length"]) // 4
     with (graph.parent / where["location"]).open("r+b") as f:

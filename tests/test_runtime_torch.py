@@ -253,6 +253,66 @@ def test_missing_model_is_a_clear_error(tmp_path):
         answerfirst.load(tmp_path / "nowhere")
 
 
+def test_decoder_pass_equals_transformers_forward(tiny_scorer):
+    """The adapter's own shared-prefix pass gives transformers' numbers (bit for bit on the CPUs measured)."""
+    from answerfirst.runtime._torch import TorchBackend
+
+    ours = tiny_scorer.backend
+    assert ours.decoder_pass
+    theirs = TorchBackend(ours.model, tiny_scorer.prompts.grade_ids, tiny_scorer.prompts.pad_id, ours.device, decoder_pass=False)
+    docs = [*DOCS, "red running shoes with a breathable mesh upper " * 6]
+    plan = answerfirst.Scorer(ours, tiny_scorer.prompts, ScorerConfig(batch_tokens=300), None).plan(QUERY, docs)
+    assert len(plan.passes) > 1
+    for forward_pass in plan.passes:
+        for prefix, rows in ((forward_pass.prefix_ids, forward_pass.continuations),
+                             (None, [plan.prompts[r].input_ids for r in forward_pass.rows])):
+            np.testing.assert_allclose(ours.grade_logits(prefix, rows), theirs.grade_logits(prefix, rows), rtol=0, atol=1e-6)
+    prefix_kv = ours.prefix_cache.get(plan.passes[0].prefix_ids, ours._run_prefix)
+    config = ours.model.config
+    assert [tuple(k.shape) for k, _ in prefix_kv] == [(1, config.num_key_value_heads, len(plan.passes[0].prefix_ids),
+                                                        config.head_dim)] * config.num_hidden_layers  # one prefix, not one per row
+
+
+def test_grouped_kv_heads_in_the_kernel_equal_repeated_heads(tiny_scorer):
+    """Where SDPA reads grouped kv heads itself (checked at load), the adapter skips repeating them; the
+    logits are those of repeated heads."""
+    from answerfirst.runtime._torch import TorchBackend
+
+    grouped = tiny_scorer.backend
+    assert grouped.grouped_attention  # torch >= 2.5 takes enable_gqa on a CPU
+    repeated = TorchBackend(grouped.model, tiny_scorer.prompts.grade_ids, tiny_scorer.prompts.pad_id, grouped.device)
+    repeated.grouped_attention = False
+    plan = tiny_scorer.plan(QUERY, DOCS)
+    for forward_pass in plan.passes:
+        np.testing.assert_allclose(grouped.grade_logits(forward_pass.prefix_ids, forward_pass.continuations),
+                                   repeated.grade_logits(forward_pass.prefix_ids, forward_pass.continuations), rtol=0, atol=1e-6)
+
+
+def test_other_architectures_score_through_transformers_forward(tiny_checkpoint, tmp_path):
+    """A Llama checkpoint: the adapter's own pass refuses it, transformers' forward scores it exactly."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from answerfirst.runtime._torch import TorchBackend
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    ))
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.dim() >= 2):
+            param.normal_(0.0, 0.08)
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    scorer = answerfirst.load(tmp_path / "llama")
+    assert not scorer.backend.decoder_pass
+    np.testing.assert_allclose(as_array(scorer.score(QUERY, DOCS)), reference_probs(tmp_path / "llama", scorer, QUERY, DOCS), atol=1e-5)
+    with pytest.raises(ValueError, match="shared-prefix pass cannot run it: model_type 'llama'"):
+        TorchBackend(scorer.backend.model, scorer.prompts.grade_ids, scorer.prompts.pad_id, scorer.backend.device, decoder_pass=True)
+
+
 def test_bitsandbytes_8bit_scores_close_to_fp32(tiny_checkpoint, tiny_scorer):
     pytest.importorskip("bitsandbytes")
     q8 = answerfirst.load(tiny_checkpoint, quantization="8bit")

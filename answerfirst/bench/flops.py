@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from answerfirst.qwen3 import Qwen3Shape
 
@@ -99,47 +101,80 @@ def floor_seconds(flops: UsefulFlops, linear_flops_per_s: float, fp32_flops_per_
     return flops.linear / linear_flops_per_s + (flops.attention + flops.head) / fp32_flops_per_s
 
 
+def best_rate(run: Callable[[], None], flops: int, min_seconds: float) -> float:
+    """FLOP/s of `run` (which does `flops` FLOPs): one warm-up call, then the best of three runs of at
+    least min_seconds / 3 each (the least disturbed by other processes)."""
+    run()  # warm-up: kernel selection, page faults
+    best = 0.0
+    for _ in range(3):
+        runs, start = 0, time.perf_counter()
+        while True:
+            run()
+            runs += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds / 3:
+                break
+        best = max(best, runs * flops / elapsed)
+    return best
+
+
+def onnxruntime_int8_throughput(shape: ModelShape, tokens: int, threads: int, min_seconds: float = 1.0) -> float:
+    """OP/s of onnxruntime's int8 GEMM (MatMulInteger: uint8 activations × int8 weights -> int32, the
+    kernel of our int8 graph; AMX or VNNI where the CPU has them) for one decoder layer's matmuls at
+    `tokens` rows. On an AMX Xeon it outran torch._int_mm by ~1.6x, so the int8 floor takes the best
+    of both."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inputs, outputs, weights, feeds = [], [], [], [], {}
+    for i, (n_in, n_out) in enumerate(shape.linear_shapes()):
+        inputs.append(helper.make_tensor_value_info(f"a{i}", TensorProto.UINT8, [tokens, n_in]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.INT32, [tokens, n_out]))
+        weights.append(numpy_helper.from_array(rng.integers(-127, 128, (n_in, n_out), dtype=np.int8), f"w{i}"))
+        nodes.append(helper.make_node("MatMulInteger", [f"a{i}", f"w{i}"], [f"y{i}"]))
+        feeds[f"a{i}"] = rng.integers(0, 256, (tokens, n_in), dtype=np.uint8)
+    graph = helper.make_graph(nodes, "int8_layer", inputs, outputs, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    layer_flops = sum(2 * tokens * a * b for a, b in shape.linear_shapes())
+    return best_rate(lambda: session.run(None, feeds), layer_flops, min_seconds)
+
+
 def matmul_throughput(shape: ModelShape, tokens: int, dtype: str, threads: int, min_seconds: float = 1.0) -> float:
     """FLOP/s of this machine for one decoder layer's matmuls at `tokens` rows, in "fp32" (torch.mm,
-    oneDNN/MKL sgemm) or "int8" (torch._int_mm: int8 × int8 -> int32, VNNI/AMX where the CPU has them).
+    oneDNN/MKL sgemm), "bf16" (torch.mm on bf16: AMX / AVX-512 BF16 where present, emulated and slow
+    elsewhere) or "int8" (torch._int_mm: int8 × int8 -> int32, VNNI/AMX where the CPU has them).
 
-    Runs the seven matmuls of a layer back to back for at least `min_seconds` after one warm-up
-    pass; the rate is the best of three such runs (the least disturbed by other processes)."""
+    Runs the seven matmuls of a layer back to back (best_rate)."""
     import torch
 
-    if dtype not in ("fp32", "int8"):
-        raise ValueError(f"dtype: 'fp32' or 'int8', got {dtype!r}")
+    if dtype not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"dtype: 'fp32', 'bf16' or 'int8', got {dtype!r}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
         operands = []
         for n_in, n_out in shape.linear_shapes():
-            if dtype == "fp32":
-                a = torch.randn(tokens, n_in, generator=generator)
-                b = torch.randn(n_in, n_out, generator=generator)
-            else:
+            if dtype == "int8":
                 a = torch.randint(-127, 128, (tokens, n_in), dtype=torch.int8, generator=generator)
                 b = torch.randint(-127, 128, (n_in, n_out), dtype=torch.int8, generator=generator)
+            else:
+                kind = torch.float32 if dtype == "fp32" else torch.bfloat16
+                a = torch.randn(tokens, n_in, generator=generator).to(kind)
+                b = torch.randn(n_in, n_out, generator=generator).to(kind)
             operands.append((a, b))
-        matmul = torch.mm if dtype == "fp32" else torch._int_mm
+        matmul = torch._int_mm if dtype == "int8" else torch.mm
         layer_flops = sum(2 * tokens * a * b for a, b in shape.linear_shapes())
 
         def one_layer() -> None:
             for a, b in operands:
                 matmul(a, b)
 
-        one_layer()  # warm-up: kernel selection, page faults
-        best = 0.0
-        for _ in range(3):
-            runs, start = 0, time.perf_counter()
-            while True:
-                one_layer()
-                runs += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds / 3:
-                    break
-            best = max(best, runs * layer_flops / elapsed)
+        best = best_rate(one_layer, layer_flops, min_seconds)
         logger.info("%s matmul at %d tokens, %d threads: %.1f GFLOP/s", dtype, tokens, threads, best / 1e9)
         return best
     finally:

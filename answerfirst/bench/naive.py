@@ -1,9 +1,15 @@
-"""Contender (a): the reranker a user writes today from the Qwen3-Reranker model-card pattern.
+"""The references a user writes today from the Qwen3-Reranker model-card pattern.
 
-Left-padded batch of whole prompts, a full forward through `AutoModelForCausalLM` (logits for the
-whole vocabulary at every position), `logits[:, -1]`, then the grade columns. No prefix reuse, no
-length sorting, no head restriction: the baseline every speed-up is measured against. The prompts
-still come from PromptTokenizer, so (a) scores exactly the token sequences our backends score.
+naive: a left-padded batch of whole prompts, a full forward through `AutoModelForCausalLM` (logits
+for the whole vocabulary at every position), `logits[:, -1]`, then the grade columns. No prefix
+reuse, no length sorting, no head restriction: the baseline every speed-up is measured against.
+
+naive-keep1 (`keep_last=True`): the same, plus the one argument a careful user adds,
+`logits_to_keep=1`, so the vocabulary head runs at the last position only (most of naive's time in
+the head and most of its peak memory go with it).
+
+The prompts still come from PromptTokenizer, so both score exactly the token sequences our backends
+score, in the same batches.
 """
 
 from __future__ import annotations
@@ -22,9 +28,8 @@ with requires("bench", "the naive reference"):
 
 
 class NaiveReranker:
-    name = "naive"
 
-    def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 16):
+    def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 16, keep_last: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads is not None:
@@ -35,6 +40,9 @@ class NaiveReranker:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.batch_size = batch_size
         self.pad_id = self.prompts.pad_id
+        # logits_to_keep=0 is transformers' "every position"; 1 keeps the last (left padding puts
+        # every row's last real token there)
+        self.logits_to_keep = 1 if keep_last else 0
 
     @torch.inference_mode()
     def score(self, query: str, docs: Sequence[str]) -> list[Score]:
@@ -46,7 +54,9 @@ class NaiveReranker:
             # (B, T) left-padded, as `tokenizer(..., padding_side="left")` would give
             input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in batch])
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, :]  # (B, V)
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=self.logits_to_keep
+            ).logits[:, -1, :]  # (B, V)
             grade_logits.append(logits[:, list(self.prompts.grade_ids)].float().numpy())  # (B, K)
         values = self.prompts.format.values
         return scores_from_logits(np.concatenate(grade_logits), values, [p.truncated for p in prompts])

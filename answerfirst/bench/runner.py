@@ -5,9 +5,12 @@
            -> compute floor -> curves (length, documents, threads) on the fastest backend
            -> bench/results/{bench.json, bench.md, *.png}
 
-Contenders: (a) naive reference (left-padded full forward, logits[:, -1]); (b) torch fp32;
-(c) ONNX fp32; (d) ONNX int8; (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with prefix reuse
-on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is measured.
+Contenders: the peers a user has without answerfirst, (a) naive (Qwen3-Reranker model-card style:
+left-padded full forward, logits[:, -1]), (a') naive-keep1 (the same plus logits_to_keep=1) and
+(a'') llamacpp-rank (llama.cpp's own RANK pooling on our rank GGUF, whole prompts); and ours, (b)
+torch fp32, (c) ONNX fp32, (d) ONNX int8, (d') OpenVINO int8 weights, (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with
+prefix reuse on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is
+measured; a peer has no prefix reuse ("noreuse" only).
 
 Sizing (2 cores, real size): one W query (32 docs × 64–192 tokens) is ~4k continuation tokens with
 prefix reuse and ~10k without; at ~100 GFLOP/s fp32 that is tens of seconds for fp32 contenders and
@@ -40,17 +43,47 @@ from answerfirst.bench.workload import Workload, build_workload, workload_w
 
 logger = logging.getLogger(__name__)
 
-# name -> (artifact, variant key, precision, compute floor the contender is held to)
-CONTENDERS: dict[str, tuple[str, str | None, str, str]] = {
-    "naive": ("naive", None, "fp32", "fp32"),
-    "torch-fp32": ("checkpoint", None, "fp32", "fp32"),
-    "onnx-fp32": ("onnx", "fp32", "fp32", "fp32"),
-    "onnx-int8": ("onnx", "int8", "int8", "int8"),
-    "gguf-f16": ("gguf", "f16", "f16", "fp32"),
-    "gguf-q8_0": ("gguf", "q8_0", "q8_0", "int8"),
-    "gguf-q4_k_m": ("gguf", "q4_k_m", "q4_k_m", "int8"),
+@dataclass(frozen=True)
+class Contender:
+    """One row of the benchmark.
+
+    artifact: what it loads (checkpoint | onnx | openvino | gguf); variant: the export variant it runs;
+    precision: of its weights; floor: the compute floor it is held to (fp32 | int8);
+    worker: how its process scores: "scorer" (answerfirst.load, timed with prefix reuse on and off)
+        or a peer, the code a user writes without answerfirst (naive, naive-keep1, llamacpp-rank),
+        which has no prefix reuse.
+    """
+
+    artifact: str
+    variant: str | None
+    precision: str
+    floor: str
+    worker: str = "scorer"
+
+    @property
+    def peer(self) -> bool:
+        return self.worker != "scorer"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Timed modes, the main one (the row's numbers) first."""
+        return ("noreuse",) if self.peer else ("reuse", "noreuse")
+
+
+CONTENDERS: dict[str, Contender] = {
+    "naive": Contender("checkpoint", None, "fp32", "fp32", worker="naive"),
+    "naive-keep1": Contender("checkpoint", None, "fp32", "fp32", worker="naive-keep1"),
+    "llamacpp-rank": Contender("gguf", "q8_0-rank", "q8_0", "int8", worker="llamacpp-rank"),
+    "torch-fp32": Contender("checkpoint", None, "fp32", "fp32"),
+    "onnx-fp32": Contender("onnx", "fp32", "fp32", "fp32"),
+    "onnx-int8": Contender("onnx", "int8", "int8", "int8"),
+    "openvino-int8": Contender("openvino", "int8", "int8", "int8"),
+    "gguf-f16": Contender("gguf", "f16", "f16", "fp32"),
+    "gguf-q8_0": Contender("gguf", "q8_0", "q8_0", "int8"),
+    "gguf-q4_k_m": Contender("gguf", "q4_k_m", "q4_k_m", "int8"),
 }
 REFERENCE = "torch-fp32"  # quality is measured against it
+BASELINES = ("naive", "naive-keep1")  # speed-ups are given against both
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
@@ -59,8 +92,8 @@ class BenchConfig:
     """What `answerfirst bench` runs; the defaults are the full run, `quick()` the reduced one.
 
     model: a torch checkpoint to benchmark; None = a random Qwen3-0.6B with the real Qwen vocabulary
-        (built once, cached under cache_dir). onnx / gguf: existing exports of that model; None =
-        export the model once and cache the exports under cache_dir.
+        (built once, cached under cache_dir). onnx / openvino / gguf: existing exports of that model;
+        None = export the model once and cache the exports under cache_dir.
     num_layers: override the random model's depth (the quick run uses a shallower Qwen3-0.6B).
     threads: threads of every contender; None = all cores.
     budget_s: wall-clock budget of the measurements (building and exporting the model, done once and
@@ -72,6 +105,7 @@ class BenchConfig:
     quick: bool = False
     model: str | None = None
     onnx: str | None = None
+    openvino: str | None = None
     gguf: str | None = None
     out_dir: str = "bench/results"
     cache_dir: str = "artifacts/bench"
@@ -91,7 +125,7 @@ class BenchConfig:
     curve_docs_length: int = 128
     curve_threads: tuple[int, ...] = (1, 2, 0)  # 0 = all cores
     curve_threads_docs: int = 16
-    budget_s: float = 22 * 60
+    budget_s: float = 30 * 60  # issue 16 added two peers (naive-keep1, llamacpp-rank) and OpenVINO
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,6 +135,7 @@ class BenchConfig:
             raise ValueError(f"contenders: unknown {unknown}; choose from {', '.join(CONTENDERS)}")
         if "naive" not in self.contenders:
             raise ValueError("contenders: must include 'naive' (every speed-up is measured against it)")
+        self.contenders = tuple(sorted(self.contenders, key=list(CONTENDERS).index))  # table order
         for name in ("docs", "repeats", "baseline_repeats", "warmup_docs", "batch_size", "curve_length_docs", "curve_docs_length", "curve_threads_docs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -178,12 +213,13 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
     """The cached ONNX or GGUF export of `checkpoint` (exported now if missing or stale)."""
     from answerfirst.artifact import Manifest, ManifestError, checkpoint_hash, has_manifest
 
-    given = config.onnx if kind == "onnx" else config.gguf
+    given = {"onnx": config.onnx, "gguf": config.gguf, "openvino": config.openvino}[kind]
     if given is not None:
         return Path(given)
     digest = checkpoint_hash(checkpoint)
     out = Path(config.cache_dir) / "exports" / digest[:16] / kind
-    wanted = {"onnx": ("fp32", "int8"), "gguf": GGUF_QUANTS}[kind]
+    wanted = {"onnx": ("fp32", "int8"), "openvino": ("int8",),
+              "gguf": (*GGUF_QUANTS, *(q + "-rank" for q in GGUF_QUANTS))}[kind]
     if has_manifest(out):
         try:
             manifest = Manifest.read(out)
@@ -194,7 +230,7 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
             logger.warning("re-exporting %s: %s", out, e)
     progress(f"exporting {checkpoint} to {kind} in {out} (once; later runs reuse it)")
     started = time.perf_counter()
-    # In a child process: a real-size export peaks near 10 GB, and memory a Python process has
+    # In a child process: a real-size export peaks near 6 GB, and memory a Python process has
     # touched is not handed back, so exporting here would leave the runner that large while the
     # contender workers load beside it.
     command = [sys.executable, "-m", "answerfirst.cli", "export", kind, "--model", str(checkpoint), "--out", str(out)]
@@ -207,11 +243,11 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
 
 
 def find_variant(directory: Path, key: str) -> str:
-    """The export variant whose name or quantization is `key` (case-insensitive)."""
+    """The export variant named `key`, else the first whose quantization is `key` (case-insensitive)."""
     from answerfirst.artifact import Manifest, ManifestError
 
     manifest = Manifest.read(directory)
-    for variant in manifest.variants:
+    for variant in sorted(manifest.variants, key=lambda v: v.name.lower() != key):
         if key in (variant.name.lower(), variant.quantization.lower()):
             return variant.name
     raise ManifestError(f"{directory} has no {key} variant (it has {', '.join(v.name for v in manifest.variants)})")
@@ -302,14 +338,10 @@ class ContenderResult:
 
 
 def machine_description() -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine: cores, CPU model and the ISA flags the adapters pick kernels by (runtime/_cpu.py),
+    memory, library versions."""
+    from answerfirst.runtime._cpu import features
+
     try:
         import psutil
 
@@ -317,14 +349,14 @@ def machine_description() -> dict[str, Any]:
     except ImportError:
         memory_gib = None
     versions = {}
-    for package in ("torch", "transformers", "onnxruntime", "llama_cpp", "numpy"):
+    for package in ("torch", "transformers", "onnxruntime", "openvino", "llama_cpp", "numpy"):
         try:
             versions[package] = __import__(package).__version__
         except (ImportError, AttributeError):
             versions[package] = None
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
+        **features().describe(),
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -349,11 +381,12 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     checkpoint = Path(config.model) if config.model else random_checkpoint(cache_dir, config.num_layers, progress)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"--model {checkpoint}: not a torch checkpoint directory (no config.json); "
-                                "benchmark a checkpoint and pass its exports with --onnx / --gguf")
-    results = {name: ContenderResult(name, *CONTENDERS[name][0:1], *CONTENDERS[name][2:]) for name in config.contenders}
+                                "benchmark a checkpoint and pass its exports with --onnx / --openvino / --gguf")
+    results = {name: ContenderResult(name, CONTENDERS[name].artifact, CONTENDERS[name].precision, CONTENDERS[name].floor)
+               for name in config.contenders}
     exports: dict[str, Path | Exception] = {}
-    for kind in ("onnx", "gguf"):
-        if any(CONTENDERS[name][0] == kind for name in config.contenders):
+    for kind in ("onnx", "openvino", "gguf"):
+        if any(CONTENDERS[name].artifact == kind for name in config.contenders):
             try:
                 exports[kind] = export_dir(kind, checkpoint, config, progress)
             except Exception as e:  # the contenders of this kind are recorded as skipped, with why
@@ -379,9 +412,10 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
     # -- workers ----------------------------------------------------------------------------------
     threads = config.all_threads
     workers: dict[str, Worker] = {}
+    max_prompt_tokens = workload.prefix_tokens + max(workload.doc_tokens) + workload.suffix_tokens
     for name, result in results.items():
-        artifact, key = CONTENDERS[name][0], CONTENDERS[name][1]
-        if artifact in ("naive", "checkpoint"):
+        artifact, key = CONTENDERS[name].artifact, CONTENDERS[name].variant
+        if artifact == "checkpoint":
             result.path = str(checkpoint)
         else:
             export = exports[artifact]
@@ -394,8 +428,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = logger.
                 result.status, result.reason = "skipped", str(e)
                 continue
             result.path = str(export)
-        spec = {"name": name, "kind": "naive" if artifact == "naive" else "scorer", "path": result.path,
-                "variant": result.variant, "threads": threads, "batch_size": config.batch_size}
+        spec = {"name": name, "kind": CONTENDERS[name].worker, "path": result.path, "variant": result.variant,
+                "threads": threads, "batch_size": config.batch_size, "max_prompt_tokens": max_prompt_tokens}
         workers[name] = Worker(spec)
     try:
         _run_main_phase(config, workload, results, workers, deadline, progress)
@@ -426,8 +460,8 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
         progress(f"{name}: loaded in {ready['load_seconds']:.1f} s, RSS {ready['rss_bytes'] / 2**20:.0f} MiB")
     running = [name for name in workers if results[name].status == "ok"]
     # Every (contender, mode) timed, with its number of repeats: baselines (naive, no reuse) fewer.
-    plan = [(name, mode) for name in running for mode in (("noreuse",) if name == "naive" else ("reuse", "noreuse"))]
-    target = {(n, m): config.baseline_repeats if (n == "naive" or m == "noreuse") else config.repeats for n, m in plan}
+    plan = [(name, mode) for name in running for mode in CONTENDERS[name].modes]
+    target = {(n, m): config.baseline_repeats if (CONTENDERS[n].peer or m == "noreuse") else config.repeats for n, m in plan}
 
     warm = workload.head(min(config.warmup_docs, len(workload.docs)))
     for name, mode in plan:
@@ -476,17 +510,25 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
                      f"({len(workload.docs) / reply['seconds']:6.2f} pairs/s)")
     for name in running:
         result = results[name]
-        main_mode = "noreuse" if name == "naive" else "reuse"
+        main_mode = CONTENDERS[name].modes[0]
         if result.status == "ok" and main_mode in result.peak_rss_by_mode:
             result.peak_rss_bytes = max(result.peak_rss_bytes or 0, result.peak_rss_by_mode[main_mode])
 
 
 def _measure_rates(config, shape, workload, when: str) -> dict[str, Any]:
-    """This machine's fp32 and int8 matmul throughput at the model's shapes, rows = one batch of
-    continuations (`when` labels the measurement in the results)."""
+    """This machine's matmul throughput at the model's shapes, rows = one batch of continuations
+    (`when` labels the measurement in the results): fp32, bf16 (for the record: bf16 contenders hold
+    no floor of their own), and int8 as the faster of torch._int_mm and onnxruntime's MatMulInteger
+    (on an AMX Xeon onnxruntime's int8 GEMM outran torch's, so torch's alone would set a floor our
+    own kernels pass)."""
+    from answerfirst.bench.flops import onnxruntime_int8_throughput
+
     rows = min(config.batch_size, len(workload.docs)) * int(np.mean(workload.continuation_lens))
-    rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "int8")}
-    return {"when": when, "rows": rows, **rates}
+    rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "bf16")}
+    int8 = {"torch._int_mm": matmul_throughput(shape, rows, "int8", config.all_threads),
+            "onnxruntime MatMulInteger": onnxruntime_int8_throughput(shape, rows, config.all_threads)}
+    return {"when": when, "rows": rows, **rates, "int8": max(int8.values()), "loadavg": os.getloadavg()[0],
+            "int8_kernels": {name: rate / 1e9 for name, rate in int8.items()}}
 
 
 def _compute_floor(config, shape, workload, prompts, measurements, progress) -> dict[str, Any]:
@@ -500,7 +542,9 @@ def _compute_floor(config, shape, workload, prompts, measurements, progress) -> 
         "threads": config.all_threads,
         "fp32_gflops": rates["fp32"] / 1e9,
         "int8_gops": rates["int8"] / 1e9,
-        "measurements": [{"when": m["when"], "fp32_gflops": m["fp32"] / 1e9, "int8_gops": m["int8"] / 1e9}
+        "bf16_gflops": max(m["bf16"] for m in measurements) / 1e9,
+        "measurements": [{"when": m["when"], "fp32_gflops": m["fp32"] / 1e9, "bf16_gflops": m["bf16"] / 1e9,
+                          "int8_gops": m["int8"] / 1e9, "int8_kernels_gops": m["int8_kernels"], "loadavg": m["loadavg"]}
                          for m in measurements],
         "useful_gflop": flops.total / 1e9,
         "useful_linear_gflop": flops.linear / 1e9,
@@ -518,7 +562,7 @@ def _compute_floor(config, shape, workload, prompts, measurements, progress) -> 
 
 def _run_curves(config, prompts, workload, results, workers, deadline, progress) -> dict[str, Any]:
     """ms per document vs document length, vs documents per query, vs threads, on the fastest backend."""
-    ours = [r for r in results.values() if r.name != "naive" and r.status == "ok" and r.latencies_s.get("reuse")]
+    ours = [r for r in results.values() if not CONTENDERS[r.name].peer and r.status == "ok" and r.latencies_s.get("reuse")]
     if not config.curves or not ours:
         return {"skipped": "curves switched off" if not config.curves else "no backend of ours ran"}
     best = min(ours, key=lambda r: float(np.median(r.latencies_s["reuse"])))
@@ -588,29 +632,33 @@ def _summarise(config, results, workload, shape, floor, curves, started, load_be
                 "p50_s": float(np.percentile(seconds, 50)), "p95_s": float(np.percentile(seconds, 95)),
                 "pairs_per_s": len(workload.docs) / mean, "ms_per_doc": 1000 * mean / len(workload.docs)}
 
-    naive = results["naive"]
-    naive_rate = stats(naive.latencies_s["noreuse"])["pairs_per_s"] if naive.latencies_s.get("noreuse") else None
+    baseline_rates = {name: stats(results[name].latencies_s["noreuse"])["pairs_per_s"]
+                      for name in BASELINES if name in results and results[name].latencies_s.get("noreuse")}
     reference = results.get(REFERENCE)
     reference_scores = reference.scores.get("reuse") if reference else None
     entries = []
     for result in results.values():
+        contender = CONTENDERS[result.name]
         entry: dict[str, Any] = {
-            "name": result.name, "artifact": result.artifact, "precision": result.precision, "status": result.status,
+            "name": result.name, "peer": contender.peer, "artifact": result.artifact, "precision": result.precision,
+            "status": result.status,
             "reason": result.reason, "path": result.path, "variant": result.variant,
             "load_seconds": result.load_seconds, "rss_after_load_bytes": result.rss_after_load_bytes,
             "peak_rss_bytes": result.peak_rss_bytes, "peak_rss_by_mode_bytes": result.peak_rss_by_mode,
             "modes": {mode: stats(lat) for mode, lat in result.latencies_s.items()},
         }
-        main_mode = "noreuse" if result.name == "naive" else "reuse"
+        main_mode = contender.modes[0]
         main = entry["modes"].get(main_mode)
         entry["pairs_per_s"] = main["pairs_per_s"] if main else None
         entry["p50_s"] = main["p50_s"] if main else None
         entry["p95_s"] = main["p95_s"] if main else None
         entry["ms_per_doc"] = main["ms_per_doc"] if main else None
-        entry["speedup_vs_naive"] = main["pairs_per_s"] / naive_rate if main and naive_rate else None
+        for baseline, key in zip(BASELINES, ("speedup_vs_naive", "speedup_vs_keep1"), strict=True):
+            rate = baseline_rates.get(baseline)
+            entry[key] = main["pairs_per_s"] / rate if main and rate else None
         no_reuse = entry["modes"].get("noreuse")
         entry["prefix_reuse_speedup"] = (
-            main["pairs_per_s"] / no_reuse["pairs_per_s"] if main and no_reuse and result.name != "naive" else None
+            main["pairs_per_s"] / no_reuse["pairs_per_s"] if main and no_reuse and not contender.peer else None
         )
         floor_s = floor["seconds"][result.floor]
         entry["floor"] = {"kind": result.floor, "seconds": floor_s,
@@ -653,6 +701,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced run (4-layer model, 8 docs, short curves): a few minutes")
     parser.add_argument("--model", default=None, help="torch checkpoint to benchmark (default: random Qwen3-0.6B, Qwen vocab)")
     parser.add_argument("--onnx", default=None, help="existing ONNX export of --model (default: export once, cached)")
+    parser.add_argument("--openvino", default=None, help="existing OpenVINO export of --model (default: export once, cached)")
     parser.add_argument("--gguf", default=None, help="existing GGUF export of --model (default: export once, cached)")
     parser.add_argument("--out", default=None, help="results directory (default bench/results; quick: artifacts/bench/results-quick)")
     parser.add_argument("--cache", default=None, help="artifact cache (default artifacts/bench)")
@@ -663,14 +712,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads per contender (default: all cores)")
     parser.add_argument("--layers", type=int, default=None, help="depth of the random model (default: 28, quick: 4)")
     parser.add_argument("--no-curves", action="store_true", help="skip the length / documents / threads curves")
-    parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 22, quick 4)")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="budget of the measurements, export excluded (default 30, quick 4)")
+    parser.add_argument("--device", default=None, help="benchmark the torch scorer on this device (cuda, cuda:N, cpu) in one "
+                        "process, against a careful transformers user: docs/s and MFU (bench/gpu.py; default: every CPU backend)")
     parser.add_argument("--render", default=None, metavar="BENCH_JSON",
                         help="measure nothing: rewrite the Markdown table and plots beside an existing bench.json")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     overrides: dict[str, Any] = {}
-    for arg, name in (("model", "model"), ("onnx", "onnx"), ("gguf", "gguf"), ("out", "out_dir"), ("cache", "cache_dir"),
+    for arg, name in (("model", "model"), ("onnx", "onnx"), ("openvino", "openvino"), ("gguf", "gguf"), ("out", "out_dir"), ("cache", "cache_dir"),
                       ("docs", "docs"), ("repeats", "repeats"), ("baseline_repeats", "baseline_repeats"),
                       ("threads", "threads"), ("layers", "num_layers")):
         if getattr(args, arg) is not None:
@@ -689,6 +740,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     from answerfirst.bench.report import write_report
 
+    if args.device is not None:
+        from answerfirst.bench import gpu
+
+        return gpu.run(args)
     if args.render:
         source = Path(args.render)
         try:

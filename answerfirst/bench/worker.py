@@ -30,15 +30,22 @@ MODES = ("reuse", "noreuse")
 
 
 def open_contender(spec: dict[str, Any]) -> dict[str, Any]:
-    """mode -> an object with .score(query, docs) -> list[Score]."""
+    """mode -> an object with .score(query, docs) -> list[Score]. A peer (the code a user writes
+    without answerfirst) has the one mode "noreuse"; ours are timed with prefix reuse on and off."""
     threads, batch_size = spec["threads"], spec["batch_size"]
-    if spec["kind"] == "naive":
+    if spec["kind"] in ("naive", "naive-keep1"):
         from answerfirst.bench.naive import NaiveReranker
 
-        return {"noreuse": NaiveReranker(spec["path"], threads=threads, batch_size=batch_size)}
+        keep_last = spec["kind"] == "naive-keep1"
+        return {"noreuse": NaiveReranker(spec["path"], threads=threads, batch_size=batch_size, keep_last=keep_last)}
+    if spec["kind"] == "llamacpp-rank":
+        from answerfirst.bench.llamacpp_rank import LlamaCppRankReranker
+
+        peer = LlamaCppRankReranker(spec["path"], spec["variant"], threads, batch_size, spec["max_prompt_tokens"])
+        return {"noreuse": peer}
     import answerfirst
 
-    config = answerfirst.ScorerConfig(batch_size=batch_size)
+    config = answerfirst.ScorerConfig()  # the shipped defaults: the CPU token budget (batch_size is the naive reference's)
     scorer = answerfirst.load(spec["path"], threads=threads, variant=spec.get("variant"), config=config)
     # Same adapter (same weights, same threads), prefix reuse switched off: its gain is measured.
     no_reuse = answerfirst.Scorer(scorer.backend, scorer.prompts, replace(config, reuse_prefix=False), scorer.manifest)

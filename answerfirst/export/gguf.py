@@ -12,7 +12,14 @@ What a GGUF file holds (written by `write_gguf`):
   and the chat template, so llama.cpp tokenizes exactly like the HF tokenizer,
 - `answerfirst.format` / `answerfirst.grade_token_ids`: the AFRL format, so a lone .gguf file still
   scores with the right rubric and grades (llama.cpp ignores keys it does not know; its quantizer
-  copies them into the K-quant files).
+  copies them into the K-quant files),
+- a rank head, so llama.cpp's own reranking runs the file as it is (`llama-server --reranking`,
+  or a context with embeddings on): `cls.output` holds the K grade rows of the output head, highest
+  grade first, `classifier.output_labels` the grade strings in that order, `qwen3.pooling_type` is
+  RANK (llama.cpp then applies the head to each sequence's last token and a softmax over the K
+  outputs) and `tokenizer.chat_template.rerank` is the AFRL prompt with llama-server's `{query}` and
+  `{document}` markers. llama-server returns the first output as the score: the probability of the
+  highest grade. The runtime reads all K (runtime/_llamacpp.py).
 
 Resume: each file is written to `NAME.partial` and renamed when complete, and the manifest is
 rewritten after every step, so a rerun with the same checkpoint skips finished files (and parity
@@ -49,7 +56,7 @@ from answerfirst.export.parity import probe_pairs as student_probe_pairs
 from answerfirst.extras import missing_extra
 from answerfirst.qwen3 import QWEN_SPLIT_PATTERN, Qwen3Shape
 from answerfirst.runtime import ScorerConfig
-from answerfirst.runtime._llamacpp import FORMAT_KEY, GRADE_IDS_KEY
+from answerfirst.runtime._llamacpp import FORMAT_KEY, GRADE_IDS_KEY, RANK_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,11 @@ class Quant:
     file_type: int  # gguf.LlamaFileType / llama_ftype value
     direct: bool
     thresholds: ParityThresholds
+    rank_thresholds: ParityThresholds | None = None  # the "-rank" variant's; None = the same
+
+    def __post_init__(self) -> None:
+        if self.rank_thresholds is None:
+            object.__setattr__(self, "rank_thresholds", self.thresholds)
 
 
 QUANTS: dict[str, Quant] = {
@@ -223,11 +235,16 @@ class SafetensorsCheckpoint:
         with safe_open(self.files[name], framework="pt") as f:
             return tuple(f.get_slice(name).get_shape())
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, rows: Sequence[int] | None = None) -> np.ndarray:
+        """The tensor as f32 (bf16 / f16 / f32 on disk; numpy has no bf16), or only `rows` of it
+        (read one by one, so the grade rows of a 151k-row head cost a few KB)."""
         from safetensors import safe_open
 
         with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name).float().numpy()  # bf16 / f16 / f32 -> f32 (numpy has no bf16)
+            if rows is None:
+                return f.get_tensor(name).float().numpy()
+            tensor = f.get_slice(name)
+            return np.concatenate([tensor[r : r + 1].float().numpy() for r in rows])
 
 
 def check_tokenizer(tokenizer: Any, where: str) -> dict[str, Any]:
@@ -278,8 +295,27 @@ def _merges(data: dict[str, Any]) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
 
 
-def _tensor_plan(params: Qwen3Params, checkpoint: SafetensorsCheckpoint, quant: str) -> list[tuple[str, str, Any]]:
-    """[(hf_name, gguf_name, ggml type)]: 1-D tensors (norms) stay F32; 2-D ones take the file's type,
+def rank_order(fmt: AFRLFormat) -> list[int]:
+    """Grade indices in the order of the rank head's rows: highest value first, so the first output,
+    which llama-server returns as the score, is the probability of the best grade."""
+    return sorted(range(len(fmt.grades)), key=lambda k: (-fmt.values[k], k))
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of a GGUF file: read from `hf_name` (only `rows` of it when set), written as `gguf_name`."""
+
+    hf_name: str
+    gguf_name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    rows: tuple[int, ...] | None = None
+
+
+def _tensor_plan(
+    params: Qwen3Params, checkpoint: SafetensorsCheckpoint, quant: str, head_rows: Sequence[int]
+) -> list[PlannedTensor]:
+    """Every tensor of the file in writing order: the TENSOR_TABLE tensors, then the rank head
+    (`head_rows` of the output head). 1-D tensors (norms) stay F32; 2-D ones take the file's type,
     Q8_0 falling back to F16 for rows that are not a multiple of its 32-value block."""
     import gguf
 
@@ -292,17 +328,26 @@ def _tensor_plan(params: Qwen3Params, checkpoint: SafetensorsCheckpoint, quant: 
         raise GGUFExportError(
             f"the checkpoint's tensors do not match a Qwen3 model: missing {missing[:5]}, unknown {unexpected[:5]}"
         )
-    plan = []
-    for hf_name, gguf_name in plan_names:
-        shape = checkpoint.shape(hf_name)
+
+    def qtype(shape: tuple[int, ...]) -> Any:
         if len(shape) == 1 or quant == "f32":
-            qtype = gguf.GGMLQuantizationType.F32
-        elif quant == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-        else:
-            qtype = gguf.GGMLQuantizationType.F16
-        plan.append((hf_name, gguf_name, qtype))
+            return gguf.GGMLQuantizationType.F32
+        if quant == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+            return gguf.GGMLQuantizationType.Q8_0
+        return gguf.GGMLQuantizationType.F16
+
+    plan = [PlannedTensor(hf, name, qtype(checkpoint.shape(hf))) for hf, name in plan_names]
+    head = "embed_tokens" if tied else "lm_head"
+    head_name = next(hf for hf, _ in plan_names if head in hf)
+    rank_head = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.CLS_OUT] + ".weight"
+    rows = tuple(int(r) for r in head_rows)
+    plan.append(PlannedTensor(head_name, rank_head, qtype((len(rows), params.hidden_size)), rows))
     return plan
+
+
+def _planned_shape(checkpoint: SafetensorsCheckpoint, tensor: PlannedTensor) -> tuple[int, ...]:
+    shape = checkpoint.shape(tensor.hf_name)
+    return shape if tensor.rows is None else (len(tensor.rows), *shape[1:])
 
 
 def write_gguf(
@@ -327,30 +372,30 @@ def write_gguf(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = check_tokenizer(tokenizer, str(model_dir))
     checkpoint = SafetensorsCheckpoint(model_dir)
-    plan = _tensor_plan(params, checkpoint, quant)
+    plan = _tensor_plan(params, checkpoint, quant, [grade_token_ids[k] for k in rank_order(fmt)])
 
     partial = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(partial, ARCHITECTURE)
     try:
         writer.add_name(model_dir.name)
         _write_metadata(writer, params, tokenizer, data, quant, fmt, grade_token_ids)
-        for hf_name, gguf_name, qtype in plan:
-            shape = checkpoint.shape(hf_name)
+        for tensor in plan:
+            shape, qtype = _planned_shape(checkpoint, tensor), tensor.qtype
             nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
             if qtype == gguf.GGMLQuantizationType.F32:
                 nbytes = int(np.prod(shape)) * 4
             elif qtype == gguf.GGMLQuantizationType.F16:
                 nbytes = int(np.prod(shape)) * 2
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            writer.add_tensor_info(tensor.gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for done, (hf_name, _, qtype) in enumerate(plan, start=1):
-            weights = checkpoint.load(hf_name)  # (rows, cols) or (n,), f32
-            if qtype == gguf.GGMLQuantizationType.F16:
+        for done, tensor in enumerate(plan, start=1):
+            weights = checkpoint.load(tensor.hf_name, tensor.rows)  # (rows, cols) or (n,), f32
+            if tensor.qtype == gguf.GGMLQuantizationType.F16:
                 weights = weights.astype(np.float16)
-            elif qtype == gguf.GGMLQuantizationType.Q8_0:
-                weights = gguf.quants.quantize(weights, qtype)  # (rows, cols / 32 * 34) uint8 blocks
+            elif tensor.qtype == gguf.GGMLQuantizationType.Q8_0:
+                weights = gguf.quants.quantize(weights, tensor.qtype)  # (rows, cols / 32 * 34) uint8 blocks
             writer.write_tensor_data(weights)
             if progress is not None:
                 progress(done, len(plan))
@@ -405,6 +450,14 @@ def _write_metadata(
         writer.add_chat_template(tokenizer.chat_template)
     writer.add_string(FORMAT_KEY, json.dumps(fmt.to_dict(), ensure_ascii=False))
     writer.add_array(GRADE_IDS_KEY, [int(i) for i in grade_token_ids])
+    # The rank head (module docstring): llama.cpp's reranking reads these three keys and cls.output.
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_classifier_output_labels([fmt.grades[k] for k in rank_order(fmt)])
+    # llama-server substitutes {query} and {document} and tokenizes the whole text with special tokens
+    # parsed; the runtime tokenizes the three segments apart and never parses chat markers inside user
+    # text, so the two differ only where a document holds such markers.
+    writer.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="rerank"), fmt.render("{query}", "{document}"))
+    writer.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, ["rerank"])
 
 
 def quantize_gguf(source: Path, out_path: Path, quant: str, threads: int | None = None) -> Path:
@@ -516,7 +569,9 @@ def export_gguf(
     previous = _open_out_dir(out_dir, source, fmt, force)
     for stale in [*out_dir.glob("*.partial"), *out_dir.glob("answerfirst-gguf-*")]:  # left by a killed run
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    done = {v.name: v for v in previous.variants} if previous else {}
+    # Files written before the rank head existed lack it: a resume rewrites them.
+    current = previous is not None and previous.info.get("export", {}).get("rank_head")
+    done = {v.name: v for v in previous.variants} if current else {}
     pairs = list(probe_pairs) if probe_pairs is not None else student_probe_pairs(student)
 
     # the runtime tokenizes with exactly the student's tokenizer
@@ -528,7 +583,7 @@ def export_gguf(
         source=source,
         variants=[],
         info={
-            "export": {"quants": list(wanted), "architecture": ARCHITECTURE, "complete": False},
+            "export": {"quants": list(wanted), "architecture": ARCHITECTURE, "complete": False, "rank_head": True},
             "probe_pairs": [list(p) for p in pairs],
         },
     )
@@ -537,6 +592,11 @@ def export_gguf(
     k_quants = [q for q in wanted if not QUANTS[q].direct]
     source_quant = next((q for q in ("f32", "f16") if q in wanted), None)
     _write_files(model_dir, out_dir, manifest, wanted, done, source_quant, threads, progress)
+    # every file carries the rank head: its "-rank" variant scores the same file through it
+    for written in list(manifest.variants):
+        rank_name = written.name + RANK_SUFFIX
+        kept = done.get(rank_name) if written.parity is not None else None  # the file and its parity were kept
+        _save_variant(manifest, out_dir, Variant(rank_name, written.file, written.quantization, kept and kept.parity))
 
     # 3. parity of every variant against torch fp32 on the probe pairs
     pending = [v for v in manifest.variants if v.parity is None]
@@ -548,19 +608,20 @@ def export_gguf(
     manifest.info["export"].update(
         complete=True,
         k_quant_source=(source_quant or "f32 (temporary)") if k_quants else None,
-        tensor_types={v.name: gguf_tensor_types(out_dir / v.file) for v in manifest.variants},
+        tensor_types={v.name: gguf_tensor_types(out_dir / v.file) for v in manifest.variants if v.name in QUANTS},
         parity_config={k: getattr(PARITY_CONFIG, k) for k in ("kv_cache_type", "flash_attn", "n_ctx", "n_batch")},
         seconds=round(time.perf_counter() - started, 1),
     )
-    finalize_files(manifest, out_dir, [v.file for v in manifest.variants] + tokenizer_files)
+    finalize_files(manifest, out_dir, sorted({v.file for v in manifest.variants}) + tokenizer_files)
     manifest.write(out_dir)
     return manifest
 
 
 def _save_variant(manifest: Manifest, out_dir: Path, variant: Variant) -> None:
-    """Add or replace a variant (fastest first) and rewrite the manifest: a rerun resumes from here."""
+    """Add or replace a variant and rewrite the manifest: a rerun resumes from here. Fastest first:
+    the logits-path variants in QUANTS order, then the slower rank-path ones (runtime/_llamacpp.py)."""
     manifest.variants = [v for v in manifest.variants if v.name != variant.name] + [variant]
-    manifest.variants.sort(key=lambda v: list(QUANTS).index(v.name))
+    manifest.variants.sort(key=lambda v: (v.name.endswith(RANK_SUFFIX), list(QUANTS).index(v.name.removesuffix(RANK_SUFFIX))))
     manifest.write(out_dir)
 
 
@@ -633,7 +694,9 @@ def _variant_parity(
 
     scorer = load(out_dir, variant=variant.name, threads=threads, config=PARITY_CONFIG)
     try:
-        report = measure(reference, lambda: scorer.score_pairs(pairs), QUANTS[variant.name].thresholds)
+        quant = QUANTS[variant.name.removesuffix(RANK_SUFFIX)]
+        thresholds = quant.rank_thresholds if variant.name.endswith(RANK_SUFFIX) else quant.thresholds
+        report = measure(reference, lambda: scorer.score_pairs(pairs), thresholds)
     finally:
         scorer.close()
     report["kv_cache_type"] = "f32"

@@ -13,15 +13,25 @@ B, T, P, N and M are dynamic. The prefix KV has batch 1 and is broadcast inside 
 MatMul against (1, kv, 1, P, d)), so B documents continue one prefix without B copies of it; kv_rows
 and vocab_rows are empty while scoring, so neither the KV nor the vocabulary head costs anything then.
 
-int8 is onnxruntime's dynamic quantization of every MatMul with constant weights (the layers and
-the grade head); the embedding and the vocabulary head (explanations only) share one fp32 tensor
-and stay fp32. Each variant is scored against the torch fp32 model on the probe pairs and its parity
-report is written into answerfirst.json; variants are listed fastest first (int8, fp32).
+int8 is dynamic quantization of every decoder linear layer (onnxruntime's DynamicQuantizeMatMul:
+int8 weights, activations quantized per call); the grade head, the embedding and the vocabulary head
+(explanations only; it shares the embedding's tensor) stay fp32. Each variant is scored against the
+torch fp32 model on the probe pairs and its parity report is written into answerfirst.json; variants
+are listed fastest first (int8, fp32).
+
+Memory: the graph is traced without its weights, which are then written one tensor at a time, and
+the int8 graph is made the same way from the fp32 graph's .data file; the torch model is freed
+before the onnxruntime sessions open. At Qwen3-0.6B the export peaked at 12.5 GB RSS before (the
+exporter's and onnxruntime's quantizer's copies of the model) and now peaks at the size of the
+model plus one session (README "Export").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gc
 import json
 import logging
 import os
@@ -68,7 +78,7 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 FP32_FILE = "score_fp32.onnx"
 INT8_FILE = "score_int8.onnx"
-VOCAB_HEAD = "vocab_head"  # node name of the full-vocabulary head (decoding only; kept fp32)
+GRADE_HEAD = "grade_head"  # the (H, K) grade rows of the output head: kept fp32 in every variant
 # Graphs with more weight bytes than this keep them in ONE "<file>.data" beside the .onnx: protobuf
 # cannot hold a message over 2 GiB, and onnxruntime maps a .data file instead of parsing a second
 # in-memory copy (Qwen3-0.6B int8: 0.46 GB RSS after load vs 2.0 GB from one 1 GB .onnx file).
@@ -115,7 +125,6 @@ class OnnxExportConfig:
 
 def _scoring_graph_class() -> type:
     import torch
-    import torch.nn.functional as F
 
     class ScoringGraph(torch.nn.Module):
         """A Qwen3-style decoder over an HF causal LM's own modules, with explicit shared-prefix attention."""
@@ -134,8 +143,8 @@ def _scoring_graph_class() -> type:
             self.scaling = self.head_dim**-0.5
             self.rope_scaling = float(body.rotary_emb.attention_scaling)
             self.register_buffer("inv_freq", body.rotary_emb.inv_freq.detach().float().clone(), persistent=False)
-            # (K, H): only the grade rows of the output head; scoring never touches the vocabulary
-            self.register_buffer("grade_head", self.lm_head.weight[list(grade_ids)].detach().float().clone())
+            # (H, K): only the grade rows of the output head; scoring never touches the vocabulary
+            self.register_buffer(GRADE_HEAD, self.lm_head.weight[list(grade_ids)].detach().float().t().contiguous())
 
         def forward(self, input_ids, lengths, kv_rows, vocab_rows, *past):
             batch, seq = input_ids.shape
@@ -162,9 +171,10 @@ def _scoring_graph_class() -> type:
 
             last = hidden[torch.arange(batch), lengths - 1]  # (B, H) each row's last real token
             last = self.norm(last)
-            grade_logits = torch.matmul(last, self.grade_head.t())  # (B, K)
-            # exported as Gemm(transB=1) over the (tied) embedding tensor itself: see _share_vocab_head
-            next_token_logits = F.linear(last.index_select(0, vocab_rows), self.lm_head.weight)  # (M, V)
+            grade_logits = torch.matmul(last, self.grade_head)  # (B, K)
+            # (V, H) @ (H, M), transposed: the head reads the (tied) embedding tensor itself, where
+            # F.linear would trace a Transpose of it that onnxruntime folds into a second copy at load
+            next_token_logits = torch.matmul(self.lm_head.weight, last.index_select(0, vocab_rows).t()).t()  # (M, V)
             return (grade_logits, next_token_logits, *presents)
 
     return ScoringGraph
@@ -180,9 +190,9 @@ def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, causal, sizes
     groups = graph.num_heads // graph.kv_heads
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(batch, seq, graph.num_heads, graph.head_dim)
-    k = attn.k_proj(x).view(batch, seq, graph.kv_heads, graph.head_dim)
-    v = attn.v_proj(x).view(batch, seq, graph.kv_heads, graph.head_dim)
+    q = _linear(attn.q_proj, x).view(batch, seq, graph.num_heads, graph.head_dim)
+    k = _linear(attn.k_proj, x).view(batch, seq, graph.kv_heads, graph.head_dim)
+    v = _linear(attn.v_proj, x).view(batch, seq, graph.kv_heads, graph.head_dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
@@ -198,9 +208,47 @@ def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, causal, sizes
         weights[..., past_len:], v.unsqueeze(2)
     )  # (B, kv, g, T, d)
     out = out.reshape(batch, graph.num_heads, seq, graph.head_dim).transpose(1, 2)
-    hidden = hidden + attn.o_proj(out.reshape(batch, seq, graph.num_heads * graph.head_dim))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = hidden + _linear(attn.o_proj, out.reshape(batch, seq, graph.num_heads * graph.head_dim))
+    mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
+    hidden = hidden + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
     return hidden, k, v
+
+
+def _linear(module, x):
+    """x @ Wᵀ of a bias-free nn.Linear, over the (in, out) weight `_transpose_linears` left in place of
+    its (out, in) one, so the traced MatMul reads the parameter itself (see export_graph)."""
+    import torch
+
+    return torch.matmul(x, module.weight_t) if hasattr(module, "weight_t") else module(x)
+
+
+def _transpose_linears(graph) -> None:
+    """Store every decoder linear's weight as its (in, out) transpose, one tensor at a time (the
+    original is freed as its copy is made). Traced as it is, F.linear gives MatMul(x, Transpose(W)),
+    which the exporter's constant folding turns into a second, transposed copy of every weight (1.8 GB
+    at Qwen3-0.6B) beside the model: the trace then peaked at 7 GB."""
+    import torch
+
+    for module in graph.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            if module.bias is not None:
+                raise ValueError(f"{type(module).__name__} with a bias: the scoring graph exports bias-free Qwen3 linears")
+            module.weight_t = torch.nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+            del module.weight
+
+
+def release_memory() -> None:
+    """Collect what Python freed and hand the allocator's free pages back to the OS (glibc keeps freed
+    blocks below its mmap threshold, such as a layer's weights, in its heap: without this the RSS of
+    the export stays at its high-water mark into the next step)."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
 
 
 def _rotate_half(x):
@@ -210,7 +258,7 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _check_architecture(model: Any) -> None:
+def check_architecture(model: Any) -> None:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
@@ -229,12 +277,14 @@ def _check_architecture(model: Any) -> None:
         raise ValueError(f"{type(model).__name__} is not a Qwen3/Llama-style decoder; the ONNX exporter cannot build its graph")
 
 
-def _export_graph(model: Any, grade_ids: Sequence[int], path: Path, opset: int, metadata: dict[str, str]) -> None:
+def export_graph(model: Any, grade_ids: Sequence[int], path: Path, opset: int, metadata: dict[str, str]) -> None:
     """Trace the scoring graph to `path` (+ `path`.data when large), with metadata for the runtime."""
     import onnx
     import torch
 
     graph = _scoring_graph_class()(model, grade_ids).eval()
+    _transpose_linears(graph)  # the model is changed in place: export_onnx traces it last
+    release_memory()
     layers, kv, d = len(graph.layers), graph.kv_heads, graph.head_dim
     past_names = [n for i in range(layers) for n in (f"past_key.{i}", f"past_value.{i}")]
     present_names = [n.replace("past_", "present_") for n in past_names]
@@ -261,6 +311,11 @@ def _export_graph(model: Any, grade_ids: Sequence[int], path: Path, opset: int, 
         traced = Path(trace_dir) / "graph.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            # Traced without its weights (they become graph inputs named as in the module's state dict)
+            # and without constant folding, which would make new constants whose values are lost with
+            # them; the weights are attached from the module below, one at a time. Exported with them,
+            # the exporter held a second copy of the model in its protobuf (trace peak 6.2 GB at
+            # Qwen3-0.6B, 7 GB with folded transposes).
             torch.onnx.export(
                 graph,
                 example,
@@ -269,112 +324,129 @@ def _export_graph(model: Any, grade_ids: Sequence[int], path: Path, opset: int, 
                 output_names=["grade_logits", "next_token_logits", *present_names],
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
-                do_constant_folding=True,
+                export_params=False,
+                do_constant_folding=False,
                 dynamo=False,
             )
-        proto = onnx.load(str(traced))  # pulls in any external tensors the exporter wrote beside it
-    _share_vocab_head(proto)
+        proto = onnx.load(str(traced))
+    weights = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
+    inputs = [i for i in proto.graph.input if i.name in weights]
+    for weight_input in inputs:
+        proto.graph.input.remove(weight_input)
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
-    _save_graph(proto, path)
-
-
-def _share_vocab_head(proto: Any) -> None:
-    """The tracer folds F.linear's weight transpose into a second (H, V) constant; put the vocabulary
-    head back as Gemm(transB=1) over the (V, H) tensor itself, shared with the embedding when tied
-    (Qwen3-0.6B: saves 622 MB on disk and in memory)."""
-    from onnx import helper, numpy_helper
-
-    graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    head = next(n for n in graph.node if "next_token_logits" in n.output)
-    if head.op_type != "MatMul" or head.input[1] not in initializers:
-        return
-    transposed = numpy_helper.to_array(initializers[head.input[1]])  # (H, V)
-    embed_gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
-    embed = initializers[embed_gather.input[0]]
-    if list(embed.dims) == list(transposed.shape[::-1]) and np.array_equal(numpy_helper.to_array(embed).T, transposed):
-        weight_name = embed.name  # tied: one tensor for the embedding and the head
-    else:
-        weight_name = "lm_head.weight"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(transposed.T), weight_name))
-    gemm = helper.make_node("Gemm", [head.input[0], weight_name], list(head.output), name=VOCAB_HEAD, transB=1)
-    index = list(graph.node).index(head)
-    graph.node.remove(head)
-    graph.node.insert(index, gemm)
-    if not any(head.input[1] in n.input for n in graph.node):
-        graph.initializer.remove(initializers[head.input[1]])
-
-
-def _unshare_vocab_head(proto: Any) -> None:
-    """The inverse of _share_vocab_head: MatMul(x, W^T) over its own (H, V) constant."""
-    from onnx import helper, numpy_helper
-
-    graph = proto.graph
-    head = next(n for n in graph.node if "next_token_logits" in n.output)
-    if head.op_type != "Gemm":
-        return
-    weight = next(t for t in graph.initializer if t.name == head.input[1])
-    transposed_name = VOCAB_HEAD + ".weight_t"
-    graph.initializer.append(
-        numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), transposed_name)
-    )
-    matmul = helper.make_node("MatMul", [head.input[0], transposed_name], list(head.output), name=VOCAB_HEAD)
-    index = list(graph.node).index(head)
-    graph.node.remove(head)
-    graph.node.insert(index, matmul)
-
-
-def _save_graph(proto: Any, path: Path) -> None:
-    """One .onnx file, or one .onnx plus ONE .onnx.data file when the weights pass EXTERNAL_DATA_THRESHOLD."""
-    import onnx
-
-    data_path = path.with_name(path.name + ".data")
-    data_path.unlink(missing_ok=True)
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_path.name, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    produce = {i.name: (lambda name=i.name: weights[name].detach().float().numpy()) for i in inputs}
+    external = sum(weights[i.name].numel() * 4 for i in inputs) > EXTERNAL_DATA_THRESHOLD
+    _write_streamed(proto, produce, path, external)
 
 
 def _quantize_int8(fp32_path: Path, out_path: Path, per_channel: bool, metadata: dict[str, str]) -> None:
-    """Dynamic int8 (weights int8, activations uint8 quantized on the fly) of every constant-weight MatMul."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Dynamic int8 of every constant-weight MatMul but the vocabulary head: each becomes onnxruntime's
+    DynamicQuantizeMatMul (int8 weights, symmetric, one scale per output column or one per tensor;
+    activations quantized per call to uint8), the node onnxruntime's own `quantize_dynamic` output is
+    fused into at load.
 
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as work:
-        # quantize_dynamic rewrites every Gemm(transB=1) as a MatMul by transposing its weight IN PLACE,
-        # which would corrupt the embedding the vocabulary head shares; hand it an unshared MatMul head,
-        # keep that node fp32, and share the tensor again afterwards.
-        proto = onnx.load(str(fp32_path))
-        _unshare_vocab_head(proto)
-        source = Path(work) / "fp32.onnx"
-        _save_graph(proto, source)
-        large = source.with_name(source.name + ".data").exists()
-        del proto
-        quantized = Path(work) / "graph.onnx"
-        root = logging.getLogger()
-        was_disabled, root.disabled = root.disabled, True  # quantize_dynamic warns through the root logger
-        try:
-            quantize_dynamic(
-                str(source),
-                str(quantized),
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=[VOCAB_HEAD],
-                per_channel=per_channel,
-                weight_type=QuantType.QInt8,
-                use_external_data_format=large,
-            )
-        finally:
-            root.disabled = was_disabled
-        proto = onnx.load(str(quantized))
-    _share_vocab_head(proto)
+    Streamed: the graph is read without its weights, and each weight is read from the fp32 graph's
+    .data file, quantized and written in turn, so the peak is one tensor, not the model
+    (`quantize_dynamic` held the fp32 model twice: 10.4 GB at Qwen3-0.6B)."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(fp32_path), load_external_data=False)
+    source = _TensorSource(proto, fp32_path)
+    graph = proto.graph
+    produce: dict[str, Callable[[], np.ndarray]] = {}  # new initializer -> how to compute it when written
+
+    @functools.lru_cache(maxsize=1)
+    def quantize(weight: str) -> tuple[np.ndarray, np.ndarray]:
+        return _int8_weights(source.read(weight), per_channel)
+
+    for index, node in enumerate(list(graph.node)):
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight not in source or weight == GRADE_HEAD:
+            continue
+        q_name, scale_name = weight + "_int8", weight + "_scale"
+        if q_name not in produce:  # written one after the other: the second reuses the first's work
+            produce[q_name] = lambda w=weight: quantize(w)[0]
+            produce[scale_name] = lambda w=weight: quantize(w)[1]
+        quantized = helper.make_node(
+            "DynamicQuantizeMatMul", [node.input[0], q_name, scale_name], list(node.output),
+            name=node.name + "_int8", domain="com.microsoft",
+        )
+        graph.node.remove(node)
+        graph.node.insert(index, quantized)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     del proto.metadata_props[:]
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
-    _save_graph(proto, out_path)
+    kept = {name: (lambda name=name: source.read(name)) for name in source.tensors}
+    external = any(t.data_location == onnx_external() for t in source.tensors.values())
+    _write_streamed(proto, {**kept, **produce}, out_path, external)
+
+
+def _int8_weights(weights: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) fp32 -> (K, N) int8 in [-127, 127] and its scale: (N,) per output column, or () per tensor."""
+    peak = np.abs(weights).max(axis=0) if per_channel else np.abs(weights).max()
+    scale = (np.maximum(peak, np.finfo(np.float32).tiny) / 127.0).astype(np.float32)
+    return np.clip(np.rint(weights / scale), -127, 127).astype(np.int8), scale
+
+
+class _TensorSource:
+    """The initializers of a graph loaded without its weights: each read on demand, from the graph
+    itself or memory-mapped from its external .data file."""
+
+    def __init__(self, proto: Any, path: Path):
+        self.path = path
+        self.tensors = {t.name: t for t in proto.graph.initializer}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> np.ndarray:
+        from onnx import helper, numpy_helper
+
+        tensor = self.tensors[name]
+        if tensor.data_location != onnx_external():
+            return numpy_helper.to_array(tensor)
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(self.path.parent / info["location"], dtype=dtype, mode="r",
+                         offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+
+def onnx_external() -> int:
+    from onnx import TensorProto
+
+    return TensorProto.EXTERNAL
+
+
+def _write_streamed(proto: Any, tensors: dict[str, Callable[[], np.ndarray]], path: Path, external: bool) -> None:
+    """Save `proto` with the initializers of `tensors` that a node reads, each computed and written in
+    turn, so one is in memory at a time. external: into ONE `<file>.data` beside the graph (a graph
+    over 2 GiB cannot be one protobuf; onnxruntime maps the file instead of parsing a second copy),
+    each tensor at a page-aligned offset."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input}
+    del graph.initializer[:]
+    data_path = path.with_name(path.name + ".data")
+    data_path.unlink(missing_ok=True)
+    with open(data_path, "wb") if external else contextlib.nullcontext() as data:
+        for name in [n for n in tensors if n in used]:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(tensors[name]()), name)
+            if external and len(tensor.raw_data) >= 1024:
+                offset, length = data.tell(), len(tensor.raw_data)
+                data.write(tensor.raw_data)
+                data.write(b"\0" * (-data.tell() % 4096))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx_external()
+                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                    tensor.external_data.add(key=key, value=value)
+            graph.initializer.append(tensor)
+    onnx.save_model(proto, str(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,32 +481,36 @@ def export_onnx(
     from answerfirst.runtime import load
 
     model_dir, out = Path(model_dir), Path(out_dir)
-    student_manifest, pairs = _check_inputs(model_dir, out, probe_pairs)
+    student_manifest, pairs = check_inputs(model_dir, out, probe_pairs)
     started = time.perf_counter()
     logger.info("export onnx: %s -> %s (%s)", model_dir, out, asdict(config))
 
     reference = load(model_dir, backend="torch", threads=threads)  # the torch fp32 model: the parity reference
     model, prompts = reference.backend.model, reference.prompts
-    _check_architecture(model)
+    check_architecture(model)
     sha = checkpoint_hash(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answerfirst.json").unlink(missing_ok=True)  # no manifest until every file it names is complete
-    metadata = _graph_metadata(model, prompts.grade_ids, sha)
+    metadata = graph_metadata(model, prompts.grade_ids, sha)
 
     fp32_path = out / FP32_FILE
-    step = _Steps(2 + (1 if config.int8 else 0))
+    step = _Steps(3 + (1 if config.int8 else 0))
+    step("scoring %d probe pairs with torch (the reference)", len(pairs))
+    ref_scores = reference.score_pairs(pairs)
     if _reusable(fp32_path, {**metadata, "answerfirst.quantization": "fp32"}, config.force):
         step("fp32 graph already exported from these weights; reusing %s", fp32_path.name)
     else:
         step("exporting the fp32 graph to %s", fp32_path.name)
-        _export_graph(model, prompts.grade_ids, fp32_path, config.opset, {**metadata, "answerfirst.quantization": "fp32"})
-
-    step("scoring %d probe pairs with torch (reference) and fp32 onnx", len(pairs))
-    ref_scores = reference.score_pairs(pairs)
+        export_graph(model, prompts.grade_ids, fp32_path, config.opset, {**metadata, "answerfirst.quantization": "fp32"})
+    # The torch model is done with (reference scores, trace): free its 2.4 GB (Qwen3-0.6B) before the
+    # onnxruntime sessions open, so the export's peak is the trace's, not the sum of every step's.
+    del reference, model
+    release_memory()
 
     def parity(path: Path, thresholds: ParityThresholds, prepack: bool) -> dict[str, Any]:
         return _parity(path, prompts.pad_id, prompts, ref_scores, pairs, thresholds, threads, prepack)
 
+    step("scoring the probe pairs with the fp32 graph")
     fp32_report = parity(fp32_path, FP32_THRESHOLDS, prepack=True)
     log_report("onnx fp32", fp32_report)
     variants = [Variant("fp32", FP32_FILE, "fp32", fp32_report)]
@@ -449,33 +525,35 @@ def export_onnx(
 
     step("writing tokenizer and answerfirst.json")
     info["export_seconds"] = round(time.perf_counter() - started, 1)
-    return _write_manifest(out, model_dir, sha, prompts, variants, info, pairs, student_manifest)
+    return write_manifest(out, model_dir, sha, prompts, variants, info, pairs, student_manifest)
 
 
-def _write_manifest(
+def write_manifest(
     out: Path, model_dir: Path, sha: str, prompts: Any, variants: list[Variant], info: dict[str, Any],
-    pairs: list[tuple[str, str]], student_manifest: Manifest | None,
+    pairs: list[tuple[str, str]], student_manifest: Manifest | None, kind: str = "onnx",
+    files: Callable[[str], list[str]] = lambda file: [file, file + ".data"],
 ) -> Manifest:
-    """The tokenizer and answerfirst.json, written last: a manifest names only complete files (with
-    their sizes and sha256, the tokenizer's included)."""
+    """The tokenizer and answerfirst.json of a graph export (ONNX, or OpenVINO: export/openvino.py),
+    written last: a manifest names only complete files (with their sizes and sha256, the tokenizer's
+    included). files: the files of one variant's graph."""
     tokenizer_files = [Path(f).name for f in prompts.tokenizer.save_pretrained(out)]
     info["probe_pairs"] = [list(p) for p in pairs]
     info["student_info"] = {k: v for k, v in (student_manifest.info if student_manifest else {}).items() if k != "probe_pairs"}
-    manifest = Manifest(kind="onnx", format=prompts.format, grade_token_ids=prompts.grade_ids,
+    manifest = Manifest(kind=kind, format=prompts.format, grade_token_ids=prompts.grade_ids,
                         source={"model": str(model_dir), "sha256": sha}, variants=variants, info=info)
-    finalize_files(manifest, out, [name for v in variants for name in (v.file, v.file + ".data")] + tokenizer_files)
+    finalize_files(manifest, out, [name for v in variants for name in files(v.file)] + tokenizer_files)
     manifest.write(out)
     failed = [v.name for v in variants if not v.parity_passed]
     if failed:
         logger.warning(
-            "export onnx: variant(s) %s did NOT pass parity; recorded as passed=false in %s (load() skips them "
-            "unless named with variant=...)", ", ".join(failed), out / "answerfirst.json",
+            "export %s: variant(s) %s did NOT pass parity; recorded as passed=false in %s (load() skips them "
+            "unless named with variant=...)", kind, ", ".join(failed), out / "answerfirst.json",
         )
-    logger.info("export onnx: done in %.1f s", info["export_seconds"])
+    logger.info("export %s: done in %.1f s", kind, info["export_seconds"])
     return manifest
 
 
-def _check_inputs(
+def check_inputs(
     model_dir: Path, out: Path, probe_pairs: Sequence[tuple[str, str]] | None
 ) -> tuple[Manifest | None, list[tuple[str, str]]]:
     """The student's manifest (None for a plain HF checkpoint) and the parity probe pairs."""
@@ -492,7 +570,7 @@ def _check_inputs(
     return student_manifest, pairs
 
 
-def _graph_metadata(model: Any, grade_ids: Sequence[int], sha: str) -> dict[str, str]:
+def graph_metadata(model: Any, grade_ids: Sequence[int], sha: str) -> dict[str, str]:
     """What every graph records about itself; the runtime checks it against the manifest."""
     shape = Qwen3Shape.from_config(model.config)
     return {
@@ -543,9 +621,9 @@ def _export_int8(
         "chosen_by": "measured" if len(schemes) > 1 else "given",
         "candidates": {s: {k: r[k] for k in ("grade_agreement", "spearman_expected", "max_abs_dp", "passed")}
                        for s, r in candidates.items()},
-        "quantized_ops": ["MatMul"],
-        "note": "dynamic quantization: int8 weights, uint8 activations quantized per call; the embedding "
-                "and the vocabulary head (explanations only) stay fp32",
+        "quantized_ops": ["MatMul -> DynamicQuantizeMatMul"],
+        "note": "dynamic quantization: int8 weights, uint8 activations quantized per call; the grade head, "
+                "the embedding and the vocabulary head (explanations only) stay fp32",
     }  # fmt: skip
     return Variant("int8", INT8_FILE, f"int8-dynamic-{scheme}", candidates[scheme]), notes
 
@@ -601,10 +679,17 @@ def _move_graph(src: Path, dst: Path) -> None:
     import onnx
 
     src_data = src.with_name(src.name + ".data")
-    if src_data.exists():
-        proto = onnx.load(str(src))
-        _save_graph(proto, dst)
-        _remove_graph(src)
+    if src_data.exists():  # the weights move with the file; the graph names the new file
+        proto = onnx.load(str(src), load_external_data=False)
+        dst_data = dst.with_name(dst.name + ".data")
+        _remove_graph(dst)
+        os.replace(src_data, dst_data)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = dst_data.name
+        onnx.save_model(proto, str(dst))
+        src.unlink()
     else:
         _remove_graph(dst)
         os.replace(src, dst)

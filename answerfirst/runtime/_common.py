@@ -15,13 +15,26 @@ from typing import Any, Protocol
 import numpy as np
 
 DEFAULT_MAX_QUERY_TOKENS = 256
+# The token budget of a forward pass on a CPU (ScorerConfig.batch_tokens=None there): about what the
+# former default of 16 documents per pass held on workload W (16 x ~260-token prompts), see README.
+CPU_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
 class ScorerConfig:
     """Knobs beyond load()'s arguments. Each backend reads the ones that concern it.
 
-    batch_size: documents per forward pass (after sorting by length, so padding stays small).
+    batch_tokens: the most prompt tokens one forward pass holds, counted as its documents x the longest
+        prompt among them (rubric + query + document + template, padding included). The count is the
+        same whether or not the prefix is reused, so one budget gives the same passes either way.
+        Documents are sorted by length first, so a pass pads little; a prompt longer than the
+        budget runs alone. None (default): the device's budget, picked at load (repr(scorer) shows
+        it, and load() logs it): CPU_BATCH_TOKENS on a CPU; on a CUDA GPU what half of its free
+        memory holds at the cost per token measured by a probe pass at load, at most
+        CUDA_MAX_BATCH_TOKENS (runtime/_torch.py). Larger passes cost fewer launches and less
+        Python per document, which is what a GPU is short of; on a CPU they gain little and cost memory.
+    batch_size: the most documents in one pass, on top of batch_tokens; None (default): no count
+        limit. (`answerfirst serve --max-batch` sets it; llama.cpp runs at most 255 per decode.)
     reuse_prefix: compute the rubric+query prefix once per query (off only to measure its gain).
     max_doc_tokens: override the artifact's document truncation length.
     max_query_tokens: a longer query is refused (FormatError) before anything runs. The query is
@@ -39,7 +52,8 @@ class ScorerConfig:
         RSS at Q4_K_M there) these defaults, with plain weight buffers, are 2.4x faster and lighter.
     """
 
-    batch_size: int = 16
+    batch_tokens: int | None = None
+    batch_size: int | None = None
     reuse_prefix: bool = True
     max_doc_tokens: int | None = None
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
@@ -49,12 +63,16 @@ class ScorerConfig:
     kv_cache_type: str = "f16"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        for name, none_means in (("batch_tokens", "the device's default"), ("batch_size", "no limit on documents per pass")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: must be an int >= 1, or None for {none_means}; got {value!r}")
         if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
             raise ValueError(f"max_doc_tokens: must be >= 1, got {self.max_doc_tokens}")
         if self.max_query_tokens < 1:
             raise ValueError(f"max_query_tokens: must be >= 1, got {self.max_query_tokens}")
+        if not isinstance(self.n_batch, int) or self.n_batch < 2:
+            raise ValueError(f"n_batch: must be an int >= 2 (the prefix's sequence and a document's), got {self.n_batch!r}")
         if self.kv_cache_type not in ("f16", "f32", "q8_0"):
             raise ValueError(f"kv_cache_type: one of f16, f32, q8_0; got {self.kv_cache_type!r}")
 
@@ -76,6 +94,7 @@ class Backend(Protocol):
     artifact: str  # the file (or checkpoint directory) whose weights it runs: named in errors
     max_positions: int  # the longest prompt, in tokens, it can score
     context_note: str  # where max_positions comes from and how to change it, for the error message
+    default_batch_tokens: int  # ScorerConfig.batch_tokens when the config leaves it None: its device's budget
 
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray: ...
 

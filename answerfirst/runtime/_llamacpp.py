@@ -15,6 +15,14 @@ Only the last token of each document asks for logits; they are read with llama_g
 llama.cpp's greedy sampler on seq 0 with the KV cache, so its prompt reuses the scored prefix too.
 The context is not thread-safe: every call that touches it holds `self._lock`.
 
+The rank path (a manifest variant named "<quant>-rank", `rank=True`): the same schedule, but the
+documents run with embeddings on, so llama.cpp's RANK pooling applies the file's rank head
+(`cls.output`, the K grade rows; export/gguf.py) to each sequence's last token and a softmax over
+the K outputs, read with llama_get_embeddings_seq. It is what `llama-server --reranking` computes,
+and it is slower: llama.cpp outputs every token of a pooled batch, so the vocabulary head runs on all
+of them (Qwen3-0.6B Q8_0, 16 documents, 2 threads: 4.1 s/doc against 2.4-3.2 s/doc on a loaded
+machine). The logits path stays the default; the rank variant's parity is in the manifest.
+
 Where the tokenizer comes from (the Scorer tokenizes with an HF tokenizer, as every backend does):
 - an export directory (answerfirst.json): the tokenizer files the exporter saved beside the GGUFs;
 - a directory of .gguf files or one .gguf file without manifest: tokenizer.json beside the file if
@@ -40,7 +48,7 @@ import numpy as np
 from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import Manifest, bind_format, check_file_sizes
 from answerfirst.extras import missing_extra
-from answerfirst.runtime._common import ScorerConfig
+from answerfirst.runtime._common import CPU_BATCH_TOKENS, ScorerConfig
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3",)
 FORMAT_KEY = "answerfirst.format"
 GRADE_IDS_KEY = "answerfirst.grade_token_ids"
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
+RANK_SUFFIX = "-rank"  # a GGUF export's variant "<quant>-rank" scores its file through the rank head
 
 
 class GGUFError(ValueError):
@@ -201,25 +210,27 @@ def _manifest_from_metadata(metadata: dict[str, Any]) -> Manifest | None:
         raise GGUFError(f"the GGUF's {FORMAT_KEY} metadata is invalid: {e}") from None
 
 
-def _resolve_file(location: Path, manifest: Manifest | None, variant: str | None) -> Path:
+def _resolve_file(location: Path, manifest: Manifest | None, variant: str | None) -> tuple[Path, bool]:
+    """The file to load, and whether its rank head scores it (a "-rank" variant of an export)."""
     if manifest is not None:
-        return location / manifest.variant(variant).file
+        chosen = manifest.variant(variant)
+        return location / chosen.file, chosen.name.endswith(RANK_SUFFIX)
     if location.is_file():
         if variant is not None:
             raise ValueError(f"variant={variant!r} selects a file of an export directory; {location} is one file")
-        return location
+        return location, False
     files = sorted(location.glob("*.gguf"))
     if variant is not None:
         chosen = [f for f in files if variant in (f.name, f.stem) or f.stem.endswith("-" + variant)]
         if len(chosen) != 1:
             raise ValueError(f"variant={variant!r} matches {len(chosen)} of {[f.name for f in files]} in {location}")
-        return chosen[0]
+        return chosen[0], False
     if len(files) != 1:
         raise ValueError(
             f"{location} holds {len(files)} .gguf files ({', '.join(f.name for f in files)}) and no answerfirst.json; "
             "pass variant=NAME or the path of one file"
         )
-    return files[0]
+    return files[0], False
 
 
 def open_gguf(
@@ -228,7 +239,7 @@ def open_gguf(
     """The adapter and prompt tokenizer for an export dir, a dir of .gguf files, or one .gguf file."""
     llama_cpp = import_llama_cpp()  # first: a missing extra fails before any slow import
     location = Path(location)
-    path = _resolve_file(location, manifest, variant)
+    path, rank = _resolve_file(location, manifest, variant)
     if not path.is_file():
         raise GGUFError(f"{path} does not exist")
     where = str(path)
@@ -245,7 +256,8 @@ def open_gguf(
         tokenizer = _tokenizer_from_dir(path.parent) if beside else tokenizer_from_metadata(metadata)
         format_manifest = _manifest_from_metadata(metadata)
     prompts = bind_format(tokenizer, format_manifest, where, config.max_doc_tokens)
-    backend = LlamaCppBackend(llama_cpp, path, prompts.grade_ids, threads, config)
+    rank_grades = prompts.format.grades if rank else None
+    backend = LlamaCppBackend(llama_cpp, path, prompts.grade_ids, threads, config, rank_grades)
     if max(prompts.grade_ids) >= backend.n_vocab:
         backend.close()
         raise GGUFError(f"{where}: grade token ids {list(prompts.grade_ids)} exceed the GGUF's {backend.n_vocab} tokens")
@@ -259,8 +271,14 @@ def open_gguf(
 
 class LlamaCppBackend:
     name = "gguf"
+    default_batch_tokens = CPU_BATCH_TOKENS  # the CPU build of llama.cpp
 
-    def __init__(self, llama_cpp: Any, path: Path, grade_ids: Sequence[int], threads: int | None, config: ScorerConfig):
+    def __init__(
+        self, llama_cpp: Any, path: Path, grade_ids: Sequence[int], threads: int | None, config: ScorerConfig,
+        rank_grades: Sequence[str] | None = None,
+    ):
+        """rank_grades: score through the file's rank head (module docstring); the grade strings, in
+        grade order, that its output labels must name."""
         if config.kv_cache_type == "q8_0" and not config.flash_attn:
             raise ValueError("kv_cache_type='q8_0' needs flash_attn=True (llama.cpp quantizes the V cache only then)")
         route_llama_logs(llama_cpp)
@@ -292,8 +310,19 @@ class LlamaCppBackend:
 
         if threads is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.n_seq = int(min(config.batch_size + 1, llama_cpp.llama_max_parallel_sequences()))
+        # seq 0 (the prefix) + one per document of a decode; _groups splits a pass into decodes of at
+        # most n_seq - 1 documents (and n_ctx cells), so a pass may hold more documents than that.
+        # llama.cpp reserves an output row per sequence and aborts (GGML_ASSERT n_outputs_max) when
+        # n_seq_max exceeds the n_batch rows a decode can output.
+        most = min(llama_cpp.llama_max_parallel_sequences(), config.n_batch)
+        self.n_seq = int(most if config.batch_size is None else min(config.batch_size + 1, most))
         self.n_batch = config.n_batch
+        if self.n_batch < self.n_seq:  # llama.cpp would abort the process creating this context
+            self.close()
+            raise GGUFError(
+                f"n_batch={self.n_batch} is below the {self.n_seq} sequences of a pass (batch_size + 1 for the prefix); "
+                "raise ScorerConfig(n_batch=...) or lower batch_size"
+            )
         # More cells than the model was trained for buys nothing (positions past it are out of distribution).
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
         n_ctx = min(config.n_ctx, n_ctx_train) if n_ctx_train > 0 else config.n_ctx
@@ -325,12 +354,29 @@ class LlamaCppBackend:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._sampler = llama_cpp.llama_sampler_init_greedy()
+        self.rank_columns = None if rank_grades is None else self._rank_head_columns(list(rank_grades))
+
+    def _rank_head_columns(self, grades: list[str]) -> np.ndarray:
+        """(K,) the rank head's output index of each grade, checked against the file's output labels."""
+        llama_cpp = self._llama
+        if llama_cpp.llama_pooling_type(self._ctx) != llama_cpp.LLAMA_POOLING_TYPE_RANK:
+            self.close()
+            raise GGUFError(f"{self.path} has no RANK pooling: re-export it with `answerfirst export gguf` for a rank variant")
+        n_out = int(llama_cpp.llama_model_n_cls_out(self._model))
+        labels = [(llama_cpp.llama_model_cls_label(self._model, i) or b"").decode("utf-8") for i in range(n_out)]
+        if sorted(labels) != sorted(grades):
+            self.close()
+            raise GGUFError(f"{self.path}: its rank head's output labels {labels} are not the grades {grades}; re-export it")
+        return np.array([labels.index(g) for g in grades], dtype=np.int64)
 
     # -- decoding ----------------------------------------------------------------------------------
 
-    def _decode(self, entries: Sequence[tuple[int, int, int, int]], on_logits: Any = None) -> None:
+    def _decode(self, entries: Sequence[tuple[int, int, int, int]], on_logits: Any = None, pooled: bool = False) -> None:
         """Run (token, position, seq_id, key) entries through llama_decode in chunks of n_batch;
-        key >= 0 asks for that token's logits, handed to on_logits(key, (n_vocab,) float32 view)."""
+        key >= 0 asks for that token's logits, handed to on_logits(key, (n_vocab,) float32 view).
+        pooled (embeddings on): key >= 0 marks a sequence's last token, and on_logits gets that
+        sequence's pooled output, read after the chunk that holds it (llama.cpp keeps a decode
+        call's pooled outputs only until the next call)."""
         llama_cpp, batch = self._llama, self._batch
         for start in range(0, len(entries), self.n_batch):
             chunk = entries[start : start + self.n_batch]
@@ -340,7 +386,7 @@ class LlamaCppBackend:
                 batch.pos[i] = pos
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq
-                batch.logits[i] = key >= 0
+                batch.logits[i] = pooled or key >= 0  # pooling needs every token as an output
             status = llama_cpp.llama_decode(self._ctx, batch)
             if status != 0:
                 raise GGUFError(
@@ -349,8 +395,15 @@ class LlamaCppBackend:
                     + f").{_llama_said()}"
                 )
             self.evaluated_tokens += len(chunk)
-            for i, (_, _, _, key) in enumerate(chunk):
-                if key >= 0 and on_logits is not None:
+            for i, (_, _, seq, key) in enumerate(chunk):
+                if key < 0 or on_logits is None:
+                    continue
+                if pooled:
+                    pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
+                    if not pointer:
+                        raise GGUFError(f"llama.cpp gave no pooled output for sequence {seq}.{_llama_said()}")
+                    on_logits(key, np.ctypeslib.as_array(pointer, shape=(len(self.rank_columns),)))
+                else:
                     pointer = llama_cpp.llama_get_logits_ith(self._ctx, i)
                     on_logits(key, np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)))
 
@@ -392,9 +445,13 @@ class LlamaCppBackend:
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray:
         """(B, K) grade logits at the last token of prefix + continuation[i] (or continuation[i] alone)."""
         out = np.empty((len(continuations), len(self.grade_ids)), dtype=np.float32)
+        pooled = self.rank_columns is not None
 
         def keep_grades(row: int, logits: np.ndarray) -> None:
-            out[row] = logits[self.grade_ids]  # (K,) of the (n_vocab,) last-position logits
+            if pooled:  # (K,) softmax of the rank head; its logs are the grade logits up to a constant
+                out[row] = np.log(np.maximum(logits[self.rank_columns], np.finfo(np.float32).tiny))
+            else:
+                out[row] = logits[self.grade_ids]  # (K,) of the (n_vocab,) last-position logits
 
         with self._lock:
             if prefix_ids is None:
@@ -418,11 +475,13 @@ class LlamaCppBackend:
                         for row, seq in zip(group, seqs, strict=True)
                         for t, token in enumerate(continuations[row])
                     ]
-                    self._decode(entries, keep_grades)
+                    self._llama.llama_set_embeddings(self._ctx, pooled)
+                    self._decode(entries, keep_grades, pooled)
                 except BaseException:
                     self._reset()
                     raise
                 finally:
+                    self._llama.llama_set_embeddings(self._ctx, False)
                     for seq in seqs:
                         self._llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
         return out
@@ -503,6 +562,6 @@ class LlamaCppBackend:
 
 
 __all__ = [
-    "FORMAT_KEY", "GRADE_IDS_KEY", "GGUFError", "LlamaCppBackend", "import_llama_cpp", "open_gguf", "read_gguf_metadata",
+    "FORMAT_KEY", "GRADE_IDS_KEY", "GGUFError", "RANK_SUFFIX", "LlamaCppBackend", "import_llama_cpp", "open_gguf", "read_gguf_metadata",
     "route_llama_logs", "tokenizer_from_metadata",
 ]

@@ -83,3 +83,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+__all__ = ["TOKENIZER_FILE", "ArtifactTokenizer"]

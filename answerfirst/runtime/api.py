@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,10 @@ from answerfirst.runtime._common import DEFAULT_MAX_QUERY_TOKENS, Backend, Prefi
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "gguf")
-BACKEND_OF_KIND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf"}  # artifact.artifact_kind -> backend
+BACKENDS = ("torch", "onnx", "gguf", "openvino")
+BACKEND_OF_KIND = {"checkpoint": "torch", "onnx": "onnx", "gguf": "gguf", "openvino": "openvino"}  # artifact_kind -> backend
+# Backends that can also run another kind of artifact: OpenVINO reads an ONNX export's fp32 graph.
+ALSO_RUNS = {"openvino": ("onnx",)}
 DEFAULT_MODEL_ENV = "ANSWERFIRST_MODEL"
 DEFAULT_MODEL_PATH = "artifacts/student"
 
@@ -82,8 +84,9 @@ class ForwardPass:
 
 @dataclass(frozen=True)
 class ScoringPlan:
-    """What Scorer.score(query, docs) runs: the prompts, split into forward passes of at most
-    `batch_size` documents sorted by length (so each pass pads to a near-equal length)."""
+    """What Scorer.score(query, docs) runs: the prompts sorted by length and split into forward
+    passes of at most `batch_tokens` prompt tokens (documents x the longest prompt of the pass) and
+    `batch_size` documents (ScorerConfig), so each pass pads to a near-equal length."""
 
     prompts: tuple[Prompt, ...]
     passes: tuple[ForwardPass, ...]
@@ -105,12 +108,15 @@ class ScoringPlan:
 
 
 class Scorer:
-    """Scores (query, doc) pairs with one artifact on one backend; safe to share across threads."""
+    """Scores (query, doc) pairs with one artifact on one backend; safe to share across threads.
+
+    config: a batch_tokens of None becomes the backend's default for its device here, so
+    `scorer.config.batch_tokens` (and repr(scorer)) says what every pass is bounded by."""
 
     def __init__(self, backend: Backend, prompts: PromptTokenizer, config: ScorerConfig, manifest: Manifest | None):
         self.backend = backend
         self.prompts = prompts
-        self.config = config
+        self.config = config if config.batch_tokens is not None else replace(config, batch_tokens=backend.default_batch_tokens)
         self.manifest = manifest
 
     @property
@@ -140,9 +146,10 @@ class Scorer:
         prefix = prompts[0].prefix_ids if self.config.reuse_prefix else None
         sequences = [tuple(p.continuation_ids) if prefix is not None else tuple(p.input_ids) for p in prompts]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        prompt_lengths = [len(p.prefix_ids) + len(p.doc_ids) + len(p.suffix_ids) for p in prompts]
         passes = tuple(
             ForwardPass(prefix, tuple(sequences[i] for i in rows), tuple(rows))
-            for rows in (order[start : start + self.config.batch_size] for start in range(0, len(order), self.config.batch_size))
+            for rows in token_budget_passes(order, prompt_lengths, self.config.batch_tokens, self.config.batch_size)
         )
         return ScoringPlan(prompts, passes, tuple(self.prompts.format.values))
 
@@ -210,7 +217,31 @@ class Scorer:
             close()
 
     def __repr__(self) -> str:
-        return f"Scorer(backend={self.backend.name!r}, grades={list(self.grades)})"
+        device = getattr(self.backend, "device", "cpu")
+        limit = f", batch_size={self.config.batch_size}" if self.config.batch_size is not None else ""
+        return (f"Scorer(backend={self.backend.name!r}, device={str(device)!r}, "
+                f"batch_tokens={self.config.batch_tokens}{limit}, grades={list(self.grades)})")
+
+
+def token_budget_passes(
+    order: Sequence[int], prompt_lengths: Sequence[int], batch_tokens: int, batch_size: int | None
+) -> list[list[int]]:
+    """Cut documents, taken in `order` (shortest prompt first), into passes: a pass takes the next
+    document while its documents x its longest prompt stay within `batch_tokens` and its documents
+    within `batch_size` (None: any number). A prompt longer than the budget is a pass of its own."""
+    passes: list[list[int]] = []
+    rows: list[int] = []
+    longest = 0  # the longest prompt in `rows`
+    for i in order:
+        width = max(longest, prompt_lengths[i])
+        if rows and ((len(rows) + 1) * width > batch_tokens or len(rows) == batch_size):
+            passes.append(rows)
+            rows, width = [], prompt_lengths[i]
+        rows.append(i)
+        longest = width
+    if rows:
+        passes.append(rows)
+    return passes
 
 
 def check_context(prompts: Sequence[Prompt], backend: Backend) -> None:
@@ -271,12 +302,14 @@ def load(
     location = Path(path)
     kind, manifest = artifact_kind(location)
     chosen = BACKEND_OF_KIND[kind] if backend == "auto" else backend
-    if chosen != BACKEND_OF_KIND[kind]:
+    if chosen != BACKEND_OF_KIND[kind] and kind not in ALSO_RUNS.get(chosen, ()):
         raise ValueError(f"{location} is a {kind} artifact; backend={backend!r} cannot load it (use backend='auto')")
     if quantization is not None and chosen != "torch":
         raise ValueError(f"quantization={quantization!r} applies to torch checkpoints; {kind} exports are quantized at export")
     if variant is not None and chosen == "torch":
         raise ValueError("variant= selects a file of an ONNX or GGUF export; a checkpoint has one")
+    if chosen == "openvino" and kind == "onnx":
+        variant = variant or "fp32"  # the graph OpenVINO reads (runtime/_openvino.py)
     if chosen == "torch" and location.is_dir():
         check_checkpoint_files(location)
     if verify:
@@ -293,11 +326,24 @@ def load(
         if device != "cpu":
             logger.warning("the onnx backend runs on the CPU execution provider; device=%r ignored", device)
         adapter, prompts = open_onnx(location, manifest, threads, variant, config)
+    elif chosen == "openvino":
+        from answerfirst.runtime._openvino import open_openvino
+
+        if device != "cpu":
+            logger.warning("the openvino backend runs on OpenVINO's CPU plugin; device=%r ignored", device)
+        adapter, prompts = open_openvino(location, manifest, threads, variant, config)
     else:
         from answerfirst.runtime._llamacpp import open_gguf
 
         adapter, prompts = open_gguf(location, manifest, threads, variant, config)
-    return Scorer(adapter, prompts, config, manifest)
+    scorer = Scorer(adapter, prompts, config, manifest)
+    logger.info(
+        "%s: %s backend on %s, forward passes of at most %d prompt tokens%s (%s)", location, adapter.name,
+        getattr(adapter, "device", "cpu"), scorer.config.batch_tokens,
+        "" if config.batch_size is None else f" and {config.batch_size} documents",
+        "ScorerConfig.batch_tokens" if config.batch_tokens is not None else "the device's default",
+    )
+    return scorer
 
 
 # ------------------------------------------------------------------------------------------------
