@@ -69,7 +69,7 @@ def fit_document(prompts: PromptTokenizer, rng: random.Random, tokens: int) -> t
             break
         words *= 2
     text = prompts.decode(ids[:tokens]).strip()
-    return text, len(prompts.encode_text(text))
+    return text, len(prompts.doc_ids(text)[0])  # the document segment as prompts have it (lead space included)
 
 
 def build_workload(

@@ -317,12 +317,6 @@ class LlamaCppBackend:
         most = min(llama_cpp.llama_max_parallel_sequences(), config.n_batch)
         self.n_seq = int(most if config.batch_size is None else min(config.batch_size + 1, most))
         self.n_batch = config.n_batch
-        if self.n_batch < self.n_seq:  # llama.cpp would abort the process creating this context
-            self.close()
-            raise GGUFError(
-                f"n_batch={self.n_batch} is below the {self.n_seq} sequences of a pass (batch_size + 1 for the prefix); "
-                "raise ScorerConfig(n_batch=...) or lower batch_size"
-            )
         # More cells than the model was trained for buys nothing (positions past it are out of distribution).
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
         n_ctx = min(config.n_ctx, n_ctx_train) if n_ctx_train > 0 else config.n_ctx
