@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,11 @@ def arm_rows(rows: list[dict[str, Any]], arm: str) -> list[dict[str, Any]]:
     return [{**{k: r[k] for k in kept if k in r}, "label": int(np.argmax(r["teacher_probs"]))} for r in rows]
 
 
-def run_ablation(work: str | Path, out: str | Path, config: DefaultRunConfig | None = None, say: Any = print) -> dict[str, Any]:
+def run_ablation(
+    work: str | Path, out: str | Path, config: DefaultRunConfig | None = None,
+    say: Callable[[str], Any] = lambda line: print(line, flush=True),
+) -> dict[str, Any]:
+    """Train the four arms from the default run in `work` and write the table to `out` (see the module docstring)."""
     from answerfirst.distill.evaluate import compare
     from answerfirst.distill.label import read_pairs
 

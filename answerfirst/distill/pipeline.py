@@ -88,7 +88,7 @@ class DefaultRunConfig:
     cross_sell_rate: float = 0.5
     vocab_size: int = 2048
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(
-        alpha=0.0, beta=1.0, gamma=1.0, lr=3e-3, max_steps=8000, batch_size=8, warmup_ratio=0.05,
+        alpha=0.0, beta=1.0, gamma=1.0, lr=3e-3, max_steps=5500, batch_size=8, warmup_ratio=0.05,
         eval_every=0, save_every=500, log_every=250, max_trace_tokens=48,
     ))
     label_queries: int = 400
@@ -131,9 +131,10 @@ def run_default(
     student: str | None = None,
     data: str | None = None,
     config: DefaultRunConfig | None = None,
-    say: Callable[[str], Any] = print,
+    say: Callable[[str], Any] = lambda line: print(line, flush=True),
 ) -> dict[str, Any]:
-    """Run the five stages; returns the summary (also written to WORK/summary.json)."""
+    """Run the five stages; returns the summary (also written to WORK/summary.json). Progress goes
+    to `say` line by line (flushed, so a log file or a pipe shows it as it happens)."""
     config = config or DefaultRunConfig()
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
