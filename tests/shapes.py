@@ -12,12 +12,11 @@ from answerfirst.offline import TINY
 _DIMENSIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 # name -> Qwen3 dimensions: the default student's (whatever `make distill` trains now: layers of the
-# sample teacher), the random student made for a teacher of your own, hidden 96 (the default
+# sample teacher), hidden 96 (the random student made for a teacher of your own; the default
 # student's shape when 4-bit crashed on it), shapes no 4-bit kernel block divides, and an aligned one.
 SHAPES = {
     "default-student": {k: TEACHER_SHAPE[k] for k in _DIMENSIONS} | {"num_hidden_layers": len(DefaultRunConfig().student_layers)},
-    "random-student": {k: STUDENT_SHAPE[k] for k in _DIMENSIONS},
-    "hidden-96": dict(hidden_size=96, intermediate_size=256, num_attention_heads=3, num_key_value_heads=1, head_dim=32),
+    "hidden-96": {k: STUDENT_SHAPE[k] for k in _DIMENSIONS},  # hidden 96, intermediate 256, 3 heads, 1 kv head
     "hidden-80": dict(hidden_size=80, intermediate_size=200, num_attention_heads=5, num_key_value_heads=1, head_dim=16),
     "odd-hidden-33": dict(hidden_size=33, intermediate_size=47, num_attention_heads=2, num_key_value_heads=1, head_dim=10),
     "aligned-128": dict(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32),

@@ -645,6 +645,26 @@ def test_default_run_student_is_the_teachers_layers_and_every_stage_is_reused(de
     assert again["evaluation"] == summary["evaluation"]
 
 
+@pytest.mark.slow
+def test_ablation_trains_the_four_arms_from_the_default_run(default_run):
+    from answerfirst.distill.ablation import ARMS, run_ablation
+
+    root, config, summary, _ = default_run
+    said: list[str] = []
+    table = run_ablation(root / "work", root / "ablation", config, say=said.append)
+    heldout = table["results"]["heldout"]
+    assert set(heldout) == {"teacher", *ARMS, "bm25", "majority"}
+    # arm (d) is the default student: same start, data and config give the same model
+    student = summary["evaluation"]["heldout"]["student"]
+    for key in ("accuracy_gold", "ndcg10_gold", "agreement_teacher", "spearman_teacher"):
+        assert heldout["kl+trace"][key] == pytest.approx(student[key], abs=1e-9), key
+    # the KL arms follow the teacher's distribution more closely than the hard-label arm
+    assert heldout["kl"]["kl_to_teacher"] < heldout["hard"]["kl_to_teacher"]
+    markdown = (root / "ablation" / "ablation.md").read_text()
+    assert all(label in markdown for label in ARMS.values()) and "BM25" in markdown
+    assert json.loads((root / "ablation" / "ablation.json").read_text())["results"] == table["results"]
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoint):
     grads = []
     for checkpointing in (False, True):
