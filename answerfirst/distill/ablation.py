@@ -71,6 +71,8 @@ def run_ablation(
         raise FileNotFoundError(f"{summary_path} does not exist: run the default run first (`make distill`)")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     labels, teacher, init = Path(summary["labels"]), summary["teacher"], work / "student-init"
+    if not (work / "heldout-prose.jsonl").is_file():
+        raise FileNotFoundError(f"{work} holds no sample data: the ablation runs on the default run's sample (`make distill` without DATA=)")
     if not init.is_dir():
         raise FileNotFoundError(f"{init} does not exist: the ablation starts from the default run's student init")
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,8 @@ def markdown(table: dict[str, Any]) -> str:
         lines.append(f"| {label} | {cell(m, 'accuracy_gold')} | {cell(m, 'ndcg10_gold')} | {cell(m, 'agreement_teacher')} "
                      f"| {cell(m, 'spearman_teacher')} | {cell(m, 'kl_to_teacher')} | {cell(p, 'ndcg10_gold')} |")
     lines.append("")
-    lines.append(f"Each arm: the same initialisation, {table['steps']} steps; {table['train_seconds']:.0f} s of training in all.")
+    lines.append(f"Each arm: the same initialisation, {table['steps']} steps; {table['train_seconds']:.0f} s of training "
+                 "in this call (arms trained by an earlier call with the same inputs are reused).")
     return "\n".join(lines) + "\n"
 
 
