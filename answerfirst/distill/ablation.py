@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from answerfirst.artifact import checkpoint_hash, file_sha256
-from answerfirst.distill.pipeline import DefaultRunConfig, key_of, train_stage
+from answerfirst.distill.pipeline import (
+    DefaultRunConfig,
+    evaluation_sets,
+    key_of,
+    sample_files,
+    train_stage,
+    write_jsonl,
+)
 from answerfirst.distill.train import TrainConfig, load_rows
 
 ARMS: dict[str, str] = {
@@ -62,7 +69,6 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Train the four arms from the default run in `work` and write the table to `out` (see the module docstring)."""
     from answerfirst.distill.evaluate import compare
-    from answerfirst.distill.label import read_pairs
 
     config = config or DefaultRunConfig()
     work, out = Path(work), Path(out)
@@ -71,7 +77,8 @@ def run_ablation(
         raise FileNotFoundError(f"{summary_path} does not exist: run the default run first (`make distill`)")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     labels, teacher, init = Path(summary["labels"]), summary["teacher"], work / "student-init"
-    if not (work / "heldout-prose.jsonl").is_file():
+    pairs = sample_files(work)
+    if not pairs.prose.is_file():
         raise FileNotFoundError(f"{work} holds no sample data: the ablation runs on the default run's sample (`make distill` without DATA=)")
     if not init.is_dir():
         raise FileNotFoundError(f"{init} does not exist: the ablation starts from the default run's student init")
@@ -80,15 +87,12 @@ def run_ablation(
     started, trained = time.perf_counter(), {}
     for arm, arm_config in arm_configs(config.student).items():
         data = out / f"{arm}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in arm_rows(rows, arm)), encoding="utf-8")
+        write_jsonl(data, arm_rows(rows, arm))
         key = key_of(file_sha256(data), checkpoint_hash(init), arm_config.to_dict())
         trained[arm] = train_stage(f"[ablation] {arm}", ARMS[arm], init, data, out / arm, arm_config, key, say)
     train_seconds = time.perf_counter() - started
 
-    pairs = read_pairs(work / "pairs.jsonl")[0]
-    sets = {"heldout": [r for r in pairs if r["split"] == "heldout"],
-            "heldout_prose": read_pairs(work / "heldout-prose.jsonl")[0]}
-    train_labels = [int(r["label"]) for r in pairs if r["split"] == "train"]
+    sets, train_labels = evaluation_sets(pairs, config)
     results = compare({"teacher": teacher, **{arm: str(path) for arm, path in trained.items()}}, sets, train_labels)
     table = {"arms": ARMS, "steps": config.student.max_steps, "train_seconds": train_seconds,
              "student_init": str(init), "teacher": teacher, "results": results}

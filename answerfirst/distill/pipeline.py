@@ -40,16 +40,25 @@ from answerfirst.artifact import (
     Manifest,
     checkpoint_hash,
     file_sha256,
-    give_default_mode,
     has_manifest,
 )
 from answerfirst.distill import sample
 from answerfirst.distill.runs import complete_checkpoints
-from answerfirst.distill.train import CHECKPOINTS_DIR, TrainConfig, load_rows, split_rows, train
+from answerfirst.distill.train import (
+    CHECKPOINTS_DIR,
+    TrainConfig,
+    load_rows,
+    split_rows,
+    train,
+    write_student,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLE_RUBRIC", "TEACHER_SHAPE", "DefaultRunConfig", "key_of", "run_default", "train_stage"]
+__all__ = [
+    "SAMPLE_RUBRIC", "TEACHER_SHAPE", "DefaultRunConfig", "Pairs", "evaluation_sets", "key_of", "run_default",
+    "sample_files", "train_stage", "write_jsonl",
+]
 
 STAMP_NAME = "stage.json"
 
@@ -198,16 +207,21 @@ def _pairs(work: Path, data: str | None, config: DefaultRunConfig, say: Callable
     train_queries = list(dict.fromkeys(r["query"] for r in rows if r["split"] == "train"))
     labelled = set(train_queries[: config.label_queries])
     to_label = [r for r in rows if r["split"] == "heldout" or r["query"] in labelled]
-    paths = Pairs(all=work / "pairs.jsonl", to_label=work / "label-pairs.jsonl", prose=work / "heldout-prose.jsonl")
+    paths = sample_files(work)
     for path, subset in ((paths.all, rows), (paths.to_label, to_label), (paths.prose, prose)):
-        _write_if_changed(path, subset)
+        write_jsonl(path, subset)
     heldout = sum(r["split"] == "heldout" for r in rows)
     say(f"[1/5] pairs: {len(rows)} sample pairs ({heldout} held out by query, also in the prose writer's words) "
         f"-> {paths.all}; the teacher labels {len(to_label)} of them")
     return paths
 
 
-def _write_if_changed(path: Path, rows: list[dict[str, Any]]) -> None:
+def sample_files(work: Path) -> Pairs:
+    """Where the default run keeps the sample's files in `work`."""
+    return Pairs(all=work / "pairs.jsonl", to_label=work / "label-pairs.jsonl", prose=work / "heldout-prose.jsonl")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write `rows` as JSONL unless the file already holds exactly them (its hash keys the later stages)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -333,12 +347,7 @@ def _save_init(directory: Path, model: Any, tokenizer: Any, fmt: Any, what: str)
     """A starting checkpoint: weights, tokenizer and a manifest with the format it will be trained on."""
     from answerfirst.afrl import PromptTokenizer
 
-    directory.mkdir(parents=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    give_default_mode(directory, ["model.safetensors"])
-    prompts = PromptTokenizer(tokenizer, fmt)
-    Manifest(kind="checkpoint", format=fmt, grade_token_ids=prompts.grade_ids, source={"model": what}).write(directory)
+    write_student(model, tokenizer, PromptTokenizer(tokenizer, fmt), directory, source={"model": what}, info={})
 
 
 def _reinit_small(model: Any, seed: int) -> None:
@@ -380,19 +389,27 @@ def _evaluate(
     student, the sample teacher (not a teacher of your own: scoring it on CPU may be slow; the
     student's agreement with it is in the student's training metrics), BM25, the majority grade."""
     from answerfirst.distill.evaluate import compare
-    from answerfirst.distill.label import read_pairs
 
     say("[5/5] evaluate: held-out queries" + (" in both writers' words" if pairs.prose else ""))
-    train, heldout = split_rows(read_pairs(pairs.all)[0], config.student.eval_fraction, config.student.seed)
-    sets = {"heldout": heldout}
-    if pairs.prose is not None:
-        sets["heldout_prose"] = read_pairs(pairs.prose)[0]
+    sets, train_labels = evaluation_sets(pairs, config)
     if not all(r.get("label") is not None for rows in sets.values() for r in rows):
         say("       skipped: the held-out pairs carry no gold labels")
         return {}
     models = {"teacher": teacher_dir} if teacher_dir is not None else {}
     models["student"] = str(student_dir)
-    return compare(models, sets, [int(r["label"]) for r in train if r.get("label") is not None])
+    return compare(models, sets, train_labels)
+
+
+def evaluation_sets(pairs: Pairs, config: DefaultRunConfig) -> tuple[dict[str, list[dict[str, Any]]], list[int]]:
+    """The run's held-out sets ("heldout": the split the student was evaluated on; for the sample
+    also "heldout_prose") and the gold grades of the training rows (the majority baseline's)."""
+    from answerfirst.distill.label import read_pairs
+
+    train, heldout = split_rows(read_pairs(pairs.all)[0], config.student.eval_fraction, config.student.seed)
+    sets = {"heldout": heldout}
+    if pairs.prose is not None:
+        sets["heldout_prose"] = read_pairs(pairs.prose)[0]
+    return sets, [int(r["label"]) for r in train if r.get("label") is not None]
 
 
 # ------------------------------------------------------------------------------------------------
