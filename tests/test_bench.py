@@ -166,8 +166,15 @@ def test_runner_end_to_end(bench_results):
         assert by_name[name]["quality"]["agreement"] == 1.0
         assert by_name[name]["quality"]["max_abs_dp"] < 2e-3
 
+    # torch bf16 runs where the CPU computes bf16 fast, is held to the bf16 floor, and scores within bf16's rounding
+    bf16 = by_name["torch-bf16"]
+    assert (bf16["status"] == "ok") == features().fast_bf16, bf16["reason"]
+    if bf16["status"] == "ok":
+        assert bf16["floor"]["kind"] == "bf16" and bf16["quality"]["max_abs_dp"] < 0.05
+
     floor = results["floor"]
     assert floor["fp32_gflops"] > 0 and floor["int8_gops"] > 0
+    assert set(floor["seconds"]) == {"fp32", "bf16", "int8"}
     # measured before the workers start and after the main phase; the floor uses the fastest of each
     assert [m["when"] for m in floor["measurements"]] == ["before the workers start", "after the main phase"]
     assert floor["fp32_gflops"] == max(m["fp32_gflops"] for m in floor["measurements"])
@@ -267,3 +274,33 @@ def test_device_bench_end_to_end_on_the_cpu(tiny_checkpoint, tmp_path):
     text = paths["markdown"].read_text()
     assert "| default | float32 | 4096 tokens (device default) |" in text and "default load ≥ 2000 docs/s" in text
     assert "aten::" in paths["profile"].read_text()
+
+
+@pytest.mark.slow
+def test_levers_time_equal_work(tmp_path):
+    """bench/levers.py (README's lever table): every lever computes what today's kernel computes, within
+    its quantization's error, so its timing compares like with like. Small sizes; no timing checked."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("levers", Path(__file__).parents[1] / "bench" / "levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    out = tmp_path / "levers.json"
+    assert levers.main(["--out", str(out), "--tokens", "32", "--docs", "2", "--doc-tokens", "12", "--prefix", "6",
+                        "--min-seconds", "0.05", "--threads", "1"]) == 0
+    results = json.loads(out.read_text())
+    linear = {row["lever"]: row for row in results["linear"]["rows"]}
+    bounds = {"ort-fp32": 1e-5, "torch-fp32": 1e-5, "ort-int8": 0.05, "ort-int8-per-channel": 0.05,
+              "ort-int8 +block-base-4": 0.05, "ort-int8 -spinning": 0.05, "ort-nbits8-acc4": 0.05,
+              "ort-nbits4-acc4": 0.25, "torch-int8-dynamic": 0.05}
+    for name, bound in bounds.items():
+        assert linear[name]["max_rel_error"] <= bound and linear[name]["gops"] > 0, (name, linear[name])
+    for name in ("openvino-f32", "openvino-int8w", "openvino-int8w-bf16", "torch-bf16"):
+        assert name not in linear or linear[name]["max_rel_error"] <= 0.05, (name, linear[name])
+    attention = {row["lever"]: row for row in results["attention"]["rows"]}
+    assert attention["explicit-batched"]["max_rel_error"] == 0  # the reference itself
+    assert attention["gqa-one-doc-per-run"]["max_rel_error"] < 1e-5  # the op computes today's attention
+    batched = attention["gqa-batched"]  # refused by onnxruntime's CPU kernel today; if it runs, it must agree
+    assert "batch_size must be 1" in batched.get("error", "") or batched["max_rel_error"] < 1e-5
+    assert results["machine"]["cpu_flags"] is not None and results["threads"] == 1

@@ -455,3 +455,28 @@ def test_concurrent_first_calls_of_score_load_one_scorer(tiny_checkpoint, monkey
         quick.join()
         other.unlink()
     assert loads == [str(tiny_checkpoint), str(other)]
+
+
+def test_precision_bf16_scores_like_fp32_and_auto_follows_the_cpu(tiny_checkpoint, tiny_scorer):
+    from answerfirst.runtime._cpu import features
+
+    bf16 = answerfirst.load(tiny_checkpoint, precision="bf16")
+    assert bf16.backend.dtype == "bfloat16" and "dtype='bfloat16'" in repr(bf16)
+    assert tiny_scorer.backend.dtype == "float32"  # the default on a CPU: the reference exports are held to
+    ours, reference = as_array(bf16.score(QUERY, DOCS)), as_array(tiny_scorer.score(QUERY, DOCS))
+    assert 0 < np.abs(ours - reference).max() < 0.05  # bf16 rounding: visible, and bounded
+    # the prefix is reused in bf16 as in fp32: same scores either way
+    no_reuse = answerfirst.load(tiny_checkpoint, precision="bf16", config=ScorerConfig(reuse_prefix=False))
+    assert np.abs(as_array(no_reuse.score(QUERY, DOCS)) - ours).max() < 0.02
+    auto = answerfirst.load(tiny_checkpoint, precision="auto")
+    assert auto.backend.dtype == ("bfloat16" if features().fast_bf16 else "float32")
+    assert answerfirst.load(tiny_checkpoint, precision="fp32").backend.dtype == "float32"
+
+
+def test_precision_errors_name_the_problem(tiny_checkpoint, tiny_onnx_export):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, auto or None; got 'fp16'"):
+        answerfirst.load(tiny_checkpoint, precision="fp16")
+    with pytest.raises(ValueError, match="onnx exports carry their precision in their variant"):
+        answerfirst.load(tiny_onnx_export, precision="bf16")
+    with pytest.raises(ValueError, match="bitsandbytes picks its own compute dtype"):
+        answerfirst.load(tiny_checkpoint, precision="bf16", quantization="8bit")

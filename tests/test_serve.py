@@ -443,17 +443,21 @@ def test_serve_bench_measures_every_level_and_writes_json_and_markdown(tiny_scor
     from answerfirst.bench.serving import ServeBenchConfig, markdown, run_serve_bench, write_results
 
     with serve_in_thread(tiny_scorer, api_key=KEY) as service:
-        config = ServeBenchConfig(url=service.url, concurrency=(1, 3), requests=6, docs=3, doc_words=(8, 20), warmup=1, api_key=KEY)
+        config = ServeBenchConfig(url=service.url, concurrency=(1, 3), requests=6, docs=3, doc_words=(8, 20), warmup=1,
+                                  rounds=2, api_key=KEY)
         results = run_serve_bench(config, progress=lambda line: None)
         scored = metric(service, "answerfirst_documents_scored_total")
     paths = write_results(results, tmp_path)
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
     assert [level["concurrency"] for level in results["levels"]] == [1, 3]
     for level in results["levels"]:
-        assert level["ok"] == level["requests"] == 6 and level["errors"] == {}
-        assert level["documents_per_s"] == pytest.approx(6 * 3 / level["seconds"])
+        assert level["ok"] == level["requests"] == 12 and level["runs"] == 2 and level["errors"] == {}
+        assert level["documents_per_s"] == pytest.approx(12 * 3 / level["seconds"])
+        assert len(level["run_requests_per_s"]) == 2 and min(level["run_requests_per_s"]) > 0
         assert 0 < level["latency_s"]["p50"] <= level["latency_s"]["p99"] <= level["latency_s"]["max"]
-    assert scored == (1 + 6 + 6) * 3  # every request was distinct: no pass was shared
+    assert scored == (1 + 4 * 6) * 3  # no pass was shared: within a level's run every request is distinct
+    # and every level sends the same requests, so the levels differ in concurrency alone
+    assert results["levels"][0]["prompt_tokens"] == results["levels"][1]["prompt_tokens"] > 0
     assert results["server"]["backend"] == "torch" and results["throughput_16_over_1"] is None
     assert "| 3 | " in markdown(results) and paths["markdown"].read_text() == markdown(results)
     with pytest.raises(RuntimeError, match="no answerfirst server at http://127.0.0.1:9"):
@@ -481,3 +485,11 @@ def test_cli_without_the_serve_extra_names_the_install():
     assert out.returncode == 2
     assert 'answerfirst serve needs the [serve] extra (fastapi is not installed): pip install "answerfirst[serve]"' in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_loads_a_checkpoint_in_the_precision_asked(tiny_checkpoint):
+    from answerfirst.serve.app import ServeConfig
+    from answerfirst.serve.cli import _load
+
+    assert _load(ServeConfig(model=str(tiny_checkpoint), precision="bf16")).backend.dtype == "bfloat16"
+    assert _load(ServeConfig(model=str(tiny_checkpoint))).backend.dtype == "float32"

@@ -100,9 +100,9 @@ def markdown(results: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
         f"({floor['useful_gflop']:.3g} useful GFLOP; the best of {len(floor.get('measurements', [])) or 1} "
         f"rate measurements: {floor['fp32_gflops']:.3g} GFLOP/s fp32 -> "
         f"{floor['seconds']['fp32']:.2f} s, {floor['int8_gops']:.3g} GOP/s int8 (the faster of torch._int_mm and "
-        f"onnxruntime's MatMulInteger) -> {floor['seconds']['int8']:.2f} s; bf16 {floor.get('bf16_gflops') or 0:.3g} GFLOP/s "
-        "for the record; "
-        "F16 is held to the fp32 floor, int8/Q8_0/Q4_K_M to the int8 one). Agreement / Spearman: grade argmax and "
+        f"onnxruntime's MatMulInteger) -> {floor['seconds']['int8']:.2f} s; bf16 {floor.get('bf16_gflops') or 0:.3g} GFLOP/s"
+        + (f" -> {floor['seconds']['bf16']:.2f} s" if "bf16" in floor["seconds"] else " for the record")
+        + "; F16 is held to the fp32 floor, bf16 to the bf16 one, int8/Q8_0/Q4_K_M to the int8 one). Agreement / Spearman: grade argmax and "
         "expected grade vs torch fp32 on the same pairs.",
         "",
         "### Targets",

@@ -1,11 +1,16 @@
 """`answerfirst serve-bench`: throughput and latency of a running `answerfirst serve` vs concurrency.
 
 For each concurrency level C (default 1, 4, 16, 32), C clients, each with its own connection, send
-`requests` rerank requests between them as fast as the replies come back; every request is a new
-query with its own product documents (from the distillation sample generator), so no two requests
-share a prefix or a pass and the numbers show the server's scheduling, not its reuse of repeated
-work. Per level: requests and documents per second (completed requests over the level's wall time),
-p50/p90/p99 latency, and every non-200 reply by status. Writes serve-bench.json and serve-bench.md.
+the same `requests` rerank requests between them as fast as the replies come back: every level does
+the same work, so the levels differ in concurrency alone. Every level runs `rounds` times (default
+2), the levels in alternating order (1, 4, 16, 32, 32, 16, 4, 1), so a drift of the machine's speed
+during the run weighs on every level alike. Within a run every request is a new query with its own
+product documents (from the distillation sample generator), so no two requests share a prefix or a
+pass and the numbers show the server's scheduling, not its reuse of repeated work (the server's
+prefix cache holds the last two queries, and a run starts from the set's first request, sent last
+long before). Per level: requests and documents per second (completed requests over the runs' wall
+time), p50/p90/p99 latency, and every non-200 reply by status. Writes serve-bench.json and
+serve-bench.md.
 
     answerfirst serve --model artifacts/onnx --timeout 600 &
     answerfirst serve-bench --url http://127.0.0.1:8080 --out bench/results/serve
@@ -37,8 +42,9 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_i
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
-    """url: the server; concurrency: client counts, one level each; requests: per level;
-    docs / doc_words: documents per request and their length range in words (~1.3 tokens each)."""
+    """url: the server; concurrency: client counts, one level each; requests: per run of a level;
+    rounds: runs of every level, in alternating order; docs / doc_words: documents per request and
+    their length range in words (~1.3 tokens each)."""
 
     url: str = "http://127.0.0.1:8080"
     concurrency: tuple[int, ...] = (1, 4, 16, 32)
@@ -46,6 +52,7 @@ class ServeBenchConfig:
     docs: int = 8
     doc_words: tuple[int, int] = (48, 144)
     warmup: int = 2
+    rounds: int = 2
     api_key: str | None = None
     client_timeout_s: float = 900.0
     seed: int = 0
@@ -53,8 +60,8 @@ class ServeBenchConfig:
     def __post_init__(self) -> None:
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise ValueError(f"concurrency: positive client counts, got {list(self.concurrency)}")
-        if self.requests < 1 or self.docs < 1 or self.warmup < 0:
-            raise ValueError("requests and docs must be >= 1 and warmup >= 0")
+        if self.requests < 1 or self.docs < 1 or self.warmup < 0 or self.rounds < 1:
+            raise ValueError("requests, docs and rounds must be >= 1 and warmup >= 0")
         low, high = self.doc_words
         if not 1 <= low <= high:
             raise ValueError(f"doc_words: a range LOW,HIGH with 1 <= LOW <= HIGH, got {self.doc_words}")
@@ -76,7 +83,8 @@ def build_requests(config: ServeBenchConfig, count: int) -> list[dict[str, Any]]
     return bodies[:count]
 
 
-async def _level(config: ServeBenchConfig, concurrency: int, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+async def _level_run(config: ServeBenchConfig, concurrency: int, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run of `bodies` by `concurrency` clients: its raw counts (see _level)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
@@ -104,17 +112,29 @@ async def _level(config: ServeBenchConfig, concurrency: int, bodies: list[dict[s
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    seconds = time.perf_counter() - start
+    return {"seconds": time.perf_counter() - start, "latencies": latencies, "statuses": statuses,
+            "documents": documents, "tokens": tokens}
+
+
+def _level(concurrency: int, requests: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A level's results over its runs: throughput is everything completed over the runs' total time."""
+    seconds = sum(r["seconds"] for r in runs)
+    latencies = [t for r in runs for t in r["latencies"]]
+    statuses = sum((r["statuses"] for r in runs), Counter())
+    documents, tokens = sum(r["documents"] for r in runs), sum(r["tokens"] for r in runs)
     ok = len(latencies)
     percentiles = np.percentile(latencies, [50, 90, 99]).tolist() if latencies else [None] * 3
     return {
         "concurrency": concurrency,
-        "requests": len(bodies),
+        "requests": requests * len(runs),
+        "runs": len(runs),
+        "run_requests_per_s": [len(r["latencies"]) / r["seconds"] for r in runs],
         "ok": ok,
         "errors": {status: n for status, n in sorted(statuses.items()) if status != "200"},
         "seconds": seconds,
         "requests_per_s": ok / seconds,
         "documents_per_s": documents / seconds,
+        "prompt_tokens": tokens,  # the server's count: equal at every level when every level does the same work
         "prompt_tokens_per_s": tokens / seconds,
         "latency_s": {"p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2],
                       "mean": float(np.mean(latencies)) if latencies else None, "max": max(latencies, default=None)},
@@ -138,17 +158,27 @@ def run_serve_bench(config: ServeBenchConfig, progress=print) -> dict[str, Any]:
     if models.status_code != 200:
         raise RuntimeError(f"{config.url}/v1/models is {models.status_code}: {models.text.strip()} (pass --api-key?)")
 
-    bodies = build_requests(config, config.warmup + config.requests * len(config.concurrency))
+    # Every level sends the same requests, so the levels differ in concurrency alone: with a new set
+    # per level, the spread of document lengths between sets moves throughput by several percent.
+    bodies = build_requests(config, config.warmup + config.requests)
     machine = {**machine_description(), "cpu_flags": _cpu_flags(), "loadavg_before": list(os.getloadavg())}
     started = datetime.now(timezone.utc)
     if config.warmup:
         progress(f"serve-bench: {config.warmup} warm-up request(s)")
-        asyncio.run(_level(config, 1, bodies[: config.warmup]))
+        asyncio.run(_level_run(config, 1, bodies[: config.warmup]))
+    # The levels run `rounds` times, in alternating order (1, 4, 16, 32, then 32, 16, 4, 1, ...): a
+    # machine whose speed drifts during the run (this one's did, by several percent over minutes)
+    # then weighs on every level alike instead of on the last ones.
+    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in config.concurrency}
+    for round_ in range(config.rounds):
+        for concurrency in (config.concurrency if round_ % 2 == 0 else tuple(reversed(config.concurrency))):
+            run = asyncio.run(_level_run(config, concurrency, bodies[config.warmup :]))
+            runs[concurrency].append(run)
+            progress(f"serve-bench: round {round_ + 1}/{config.rounds}, {concurrency:3d} clients: "
+                     f"{len(run['latencies']) / run['seconds']:.2f} req/s")
     levels = []
-    offset = config.warmup
     for concurrency in config.concurrency:
-        level = asyncio.run(_level(config, concurrency, bodies[offset : offset + config.requests]))
-        offset += config.requests
+        level = _level(concurrency, config.requests, runs[concurrency])
         levels.append(level)
         latency = level["latency_s"]
         progress(
@@ -192,7 +222,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Server: `{server['id']}` on {server.get('backend', '?')}"
         + (f" ({server['variant']})" if server.get("variant") else "")
         + f", max batch {server.get('max_batch', '?')} · requests: {config['docs']} documents of "
-        f"{config['doc_words'][0]}–{config['doc_words'][1]} words, a new query each, {config['requests']} per level",
+        f"{config['doc_words'][0]}–{config['doc_words'][1]} words, a new query each, the same {config['requests']} at every level, {config.get('rounds', 1)} run(s) of each in alternating order",
         f"Machine: {machine['nproc']} cores, {machine['cpu_model']} ({', '.join(machine['cpu_flags']) or 'no AVX-512/AMX'}) · "
         f"load average before/after: {machine['loadavg_before'][0]:.2f} / {machine['loadavg_after'][0]:.2f}",
         "",
@@ -236,6 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", type=int, default=8, help="documents per request (default 8)")
     parser.add_argument("--doc-words", default="48,144", help="document length range in words (default 48,144)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="times every level runs, in alternating order (default 2)")
     parser.add_argument("--api-key", default=None, help="the server's key (default: $ANSWERFIRST_API_KEY)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/serve", help="where serve-bench.json and .md go")
@@ -250,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency takes integers like 1,4,16,32 and --doc-words LOW,HIGH; got {args.concurrency!r}, {args.doc_words!r}") from None
     config = ServeBenchConfig(
         url=args.url.rstrip("/"), concurrency=concurrency, requests=args.requests, docs=args.docs,
-        doc_words=(low, high), warmup=args.warmup, api_key=args.api_key or os.environ.get("ANSWERFIRST_API_KEY"), seed=args.seed,
+        doc_words=(low, high), warmup=args.warmup, rounds=args.rounds, api_key=args.api_key or os.environ.get("ANSWERFIRST_API_KEY"), seed=args.seed,
     )
     results = run_serve_bench(config)
     paths = write_results(results, args.out)

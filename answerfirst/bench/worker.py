@@ -46,7 +46,8 @@ def open_contender(spec: dict[str, Any]) -> dict[str, Any]:
     import answerfirst
 
     config = answerfirst.ScorerConfig()  # the shipped defaults: the CPU token budget (batch_size is the naive reference's)
-    scorer = answerfirst.load(spec["path"], threads=threads, variant=spec.get("variant"), config=config)
+    scorer = answerfirst.load(spec["path"], threads=threads, variant=spec.get("variant"), config=config,
+                              precision=spec.get("precision"))
     # Same adapter (same weights, same threads), prefix reuse switched off: its gain is measured.
     no_reuse = answerfirst.Scorer(scorer.backend, scorer.prompts, replace(config, reuse_prefix=False), scorer.manifest)
     return {"reuse": scorer, "noreuse": no_reuse}

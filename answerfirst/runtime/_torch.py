@@ -82,6 +82,7 @@ class TorchBackend:
         self.head_dim = int(getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads)
         self._cache_argument = cache_argument(model)
         dtype = model.get_input_embeddings().weight.dtype  # what the hidden states, so q, k and v, are in
+        self.dtype = str(dtype).removeprefix("torch.")  # load()'s log and repr(scorer) show it
         self.grouped_attention = self.decoder_pass and grouped_attention_works(self.device, dtype, self.head_dim)
         self.probe_bytes_per_token: float | None = None  # GPU memory a prompt token took in the probe pass (CUDA)
         self.default_batch_tokens = self._cuda_batch_tokens() if self.device.type == "cuda" else CPU_BATCH_TOKENS
@@ -285,6 +286,27 @@ def _returned_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+def compute_dtype(device: str, precision: str | None) -> Any:
+    """The dtype a torch checkpoint computes in. None: bf16 on a GPU, fp32 on a CPU (the reference
+    every export's parity is measured against). "auto": bf16 where the device computes it fast (a CUDA
+    GPU; a CPU with AMX bf16 tiles or AVX512_BF16, runtime/_cpu.py), fp32 elsewhere: on the 2-core
+    AMX Xeon of bench/results, bf16 scored W in 6.4 s where fp32 took 22.8 s and ONNX int8 9.8 s,
+    while an AVX2-only CPU emulates bf16 7x slower than fp32. "fp32" / "bf16": as named."""
+    import torch
+
+    from answerfirst.runtime._cpu import features
+
+    gpu = torch.device(device).type == "cuda"
+    if precision is None:
+        return torch.bfloat16 if gpu else torch.float32
+    if precision == "auto":
+        return torch.bfloat16 if gpu or features().fast_bf16 else torch.float32
+    if precision == "bf16" and not gpu and not features().fast_bf16:
+        logger.warning("precision='bf16' on a CPU without AMX bf16 or AVX512_BF16: bf16 is emulated here, "
+                       "several times slower than fp32 (precision='auto' picks fp32 on this CPU)")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def open_torch(
     path: str,
     manifest: Manifest | None,
@@ -292,6 +314,7 @@ def open_torch(
     threads: int | None,
     quantization: str | None,
     config: ScorerConfig,
+    precision: str | None = None,
 ) -> tuple[TorchBackend, Any]:
     with requires("torch", "the torch backend"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -312,8 +335,7 @@ def open_torch(
         kwargs["quantization_config"] = _bitsandbytes_config(quantization)
         kwargs["device_map"] = device
     else:
-        # fp32 on CPU (bf16 is several times slower on CPUs without bf16 units); bf16 on GPUs.
-        kwargs["dtype"] = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        kwargs["dtype"] = compute_dtype(device, precision)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

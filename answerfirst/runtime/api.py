@@ -45,7 +45,13 @@ from answerfirst.artifact import (
     variant_files,
     verify_checksums,
 )
-from answerfirst.runtime._common import DEFAULT_MAX_QUERY_TOKENS, Backend, PrefixCache, ScorerConfig
+from answerfirst.runtime._common import (
+    DEFAULT_MAX_QUERY_TOKENS,
+    PRECISIONS,
+    Backend,
+    PrefixCache,
+    ScorerConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +225,8 @@ class Scorer:
     def __repr__(self) -> str:
         device = getattr(self.backend, "device", "cpu")
         limit = f", batch_size={self.config.batch_size}" if self.config.batch_size is not None else ""
-        return (f"Scorer(backend={self.backend.name!r}, device={str(device)!r}, "
+        dtype = f", dtype={self.backend.dtype!r}" if hasattr(self.backend, "dtype") else ""
+        return (f"Scorer(backend={self.backend.name!r}, device={str(device)!r}{dtype}, "
                 f"batch_tokens={self.config.batch_tokens}{limit}, grades={list(self.grades)})")
 
 
@@ -279,6 +286,7 @@ def load(
     threads: int | None = None,
     *,
     quantization: str | None = None,
+    precision: str | None = None,
     variant: str | None = None,
     config: ScorerConfig | None = None,
     verify: bool = False,
@@ -287,6 +295,9 @@ def load(
     hub id) and return a Scorer on the backend its manifest calls for (or the one named).
 
     quantization: "8bit" | "4bit" loads a torch checkpoint through bitsandbytes.
+    precision: what a torch checkpoint computes in: "fp32", "bf16", or "auto" (bf16 where the device
+        computes it fast: a GPU, or a CPU with AMX bf16 / AVX512_BF16; fp32 elsewhere). None (default):
+        fp32 on a CPU, bf16 on a GPU. Exports carry their precision in their variant.
     variant: which file of an ONNX/GGUF export; default: the fastest one whose parity passed.
     verify: check the sha256 of every file this load reads against the manifest's record (reads
         them all once more; without it, load checks only sizes and file structure, which is cheap).
@@ -304,6 +315,11 @@ def load(
     chosen = BACKEND_OF_KIND[kind] if backend == "auto" else backend
     if chosen != BACKEND_OF_KIND[kind] and kind not in ALSO_RUNS.get(chosen, ()):
         raise ValueError(f"{location} is a {kind} artifact; backend={backend!r} cannot load it (use backend='auto')")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None; got {precision!r}")
+    if precision is not None and (chosen != "torch" or quantization is not None):
+        raise ValueError(f"precision={precision!r} applies to torch checkpoints without quantization=; "
+                         f"{'bitsandbytes picks its own compute dtype' if quantization else f'{kind} exports carry their precision in their variant'}")
     if quantization is not None and chosen != "torch":
         raise ValueError(f"quantization={quantization!r} applies to torch checkpoints; {kind} exports are quantized at export")
     if variant is not None and chosen == "torch":
@@ -319,7 +335,7 @@ def load(
     if chosen == "torch":
         from answerfirst.runtime._torch import open_torch
 
-        adapter, prompts = open_torch(str(path), manifest, device, threads, quantization, config)
+        adapter, prompts = open_torch(str(path), manifest, device, threads, quantization, config, precision)
     elif chosen == "onnx":
         from answerfirst.runtime._onnx import open_onnx
 
@@ -338,8 +354,8 @@ def load(
         adapter, prompts = open_gguf(location, manifest, threads, variant, config)
     scorer = Scorer(adapter, prompts, config, manifest)
     logger.info(
-        "%s: %s backend on %s, forward passes of at most %d prompt tokens%s (%s)", location, adapter.name,
-        getattr(adapter, "device", "cpu"), scorer.config.batch_tokens,
+        "%s: %s backend on %s%s, forward passes of at most %d prompt tokens%s (%s)", location, adapter.name,
+        getattr(adapter, "device", "cpu"), f" in {adapter.dtype}" if hasattr(adapter, "dtype") else "", scorer.config.batch_tokens,
         "" if config.batch_size is None else f" and {config.batch_size} documents",
         "ScorerConfig.batch_tokens" if config.batch_tokens is not None else "the device's default",
     )

@@ -64,6 +64,7 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     backend: str = "auto"
     variant: str | None = None
+    precision: str | None = None  # of a torch checkpoint: load(precision=...)
     device: str = "cpu"
     threads: int | None = None
     model_name: str | None = None

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "gguf"])
     model.add_argument("--variant", default=None, help="file of an ONNX/GGUF export (default: the fastest whose parity passed)")
     model.add_argument("--device", default="cpu")
+    model.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
+                       help="what a checkpoint computes in (auto: bf16 where the CPU has AMX bf16 / AVX512_BF16 or on a GPU)")
     model.add_argument("--threads", type=int, default=None, help="threads of the backend (default: all cores)")
     model.add_argument("--model-name", default=None, help="the name replies carry in `model` (default: the model directory's name)")
     http = parser.add_argument_group("HTTP")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no --model given and {model} does not exist: run `make distill`, set ${DEFAULT_MODEL_ENV}, or pass --model PATH")
     config = ServeConfig(
         model=model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        backend=args.backend, variant=args.variant, device=args.device, threads=args.threads, model_name=args.model_name,
+        backend=args.backend, variant=args.variant, precision=args.precision, device=args.device, threads=args.threads,
+        model_name=args.model_name,
         max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
         max_documents=args.max_documents, max_request_bytes=args.max_request_bytes, timeout_s=args.timeout,
         max_new_tokens=args.max_new_tokens, drain_timeout_s=args.drain_timeout, access_log=args.access_log,
@@ -65,7 +68,7 @@ def _load(config: Any):
 
     return load(
         config.model, backend=config.backend, device=config.device, threads=config.threads, variant=config.variant,
-        config=ScorerConfig(batch_size=config.max_batch),
+        precision=config.precision, config=ScorerConfig(batch_size=config.max_batch),
     )
 
 
