@@ -116,6 +116,8 @@ def _quiet_libraries() -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    from answerfirst.runtime.api import PRECISIONS
+
     if verb == "verify":
         parser.add_argument("path", help="student checkpoint, ONNX or GGUF export directory, or a .gguf file")
         return
@@ -126,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--variant", default=None, help="file of an ONNX/GGUF export (default: fastest passing parity)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="what a checkpoint computes in (auto: bf16 where the CPU has AMX bf16 / AVX512_BF16 or on a GPU)")
     if verb == "score":
         parser.add_argument("--json", action="store_true", help="print one JSON object per document")
     else:
@@ -137,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         return verify(args.path)
     from answerfirst.runtime import load
 
-    scorer = load(args.model, backend=args.backend, device=args.device, threads=args.threads, variant=args.variant)
+    scorer = load(args.model, backend=args.backend, device=args.device, threads=args.threads, variant=args.variant,
+                  precision=args.precision)
     if args.verb == "explain":
         if len(args.doc) != 1:
             raise ValueError("explain takes exactly one --doc")

@@ -35,6 +35,9 @@ Attention: one layer over B documents of T tokens continuing one P-token prefix 
 llama.cpp (with --gguf): Q8_0 and Q4_K_M end to end through answerfirst.load, at n_batch 128 / 256 /
 512 and 1 or all threads.
 
+Reference point (with --genai DIR): the graph onnxruntime-genai's model builder writes for the same
+checkpoint (GroupQueryAttention + MatMulNBits int8), timed on W's 32 documents (genai_reference).
+
 Nothing here is used at run time; the results go to the JSON and README's lever table.
 """
 
@@ -111,6 +114,7 @@ def _nbits_graph(ws: list[np.ndarray], tokens: int, bits: int) -> Any:
 
 
 def _ort_session(model: Any, threads: int, entries: dict[str, str] | None = None) -> Any:
+    """A CPU session over `model` (an onnx ModelProto, or the path of a graph on disk)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -118,7 +122,8 @@ def _ort_session(model: Any, threads: int, entries: dict[str, str] | None = None
     options.log_severity_level = 4  # the one error this script expects (gqa-batched) is recorded, not logged
     for key, value in (entries or {}).items():
         options.add_session_config_entry(key, value)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    graph = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _openvino_model(model: Any, threads: int, int8: bool, bf16: bool) -> Any:
@@ -393,6 +398,58 @@ def llamacpp_levers(gguf: Path, docs: int, threads: int, say=print) -> list[dict
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# reference point: the onnxruntime-genai model builder's graph of the same model
+# ------------------------------------------------------------------------------------------------
+
+
+def genai_reference(model_dir: Path, checkpoint: Path, docs: int, threads: int, batch: int = 8) -> dict[str, Any]:
+    """W's `docs` documents through the graph onnxruntime-genai's model builder writes for this Qwen3
+    (GroupQueryAttention + MatMulNBits; built by
+    `python -m onnxruntime_genai.models.builder -i CHECKPOINT -o DIR -p int8 -e cpu --extra_options exclude_lm_head=true`),
+    run with onnxruntime directly: whole prompts (its GQA takes no batched continuation of a shared
+    prefix), right-padded batches of `batch` with an empty past, hidden states out (the grade rows
+    of the head would add ~nothing). The better of two timed calls after a warm-up."""
+    from transformers import AutoTokenizer
+
+    from answerfirst.artifact import bind_format
+    from answerfirst.bench.workload import workload_w
+
+    prompts = bind_format(AutoTokenizer.from_pretrained(checkpoint), None, str(checkpoint))
+    work = workload_w(prompts, docs)
+    sequences = []
+    for doc in work.docs:
+        prompt = prompts.prompt(work.query, doc)
+        sequences.append([*prompt.prefix_ids, *prompt.doc_ids, *prompts.suffix_ids])
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    session = _ort_session(model_dir / "model.onnx", threads)
+    inputs = {i.name for i in session.get_inputs()}
+
+    def run(rows: list[list[int]]) -> None:
+        width = max(len(r) for r in rows)
+        ids, mask = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.tile(np.arange(width), (len(rows), 1))
+        empty = np.zeros((len(rows), decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+        for layer in range(decoder["num_hidden_layers"]):
+            feeds[f"past_key_values.{layer}.key"] = feeds[f"past_key_values.{layer}.value"] = empty
+        session.run(None, feeds)
+
+    run(sequences[:2])
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for first in range(0, len(sequences), batch):
+            run(sequences[first : first + batch])
+        best = min(best, time.perf_counter() - start)
+    print(f"  onnxruntime-genai builder graph: {best:.2f} s/query, {best / docs * 1e3:.0f} ms/doc", flush=True)
+    return {"model": str(model_dir), "checkpoint": str(checkpoint), "docs": docs, "batch": batch,
+            "seconds_per_query": best, "ms_per_doc": best / docs * 1e3}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/levers.json"))
@@ -405,8 +462,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, default=None, help="a GGUF export of the Qwen3-0.6B shape (make bench caches one): "
                         "also time llama.cpp's batch and thread settings end to end")
     parser.add_argument("--gguf-docs", type=int, default=8, help="documents of W per llama.cpp call")
+    parser.add_argument("--genai", type=Path, default=None, help="the onnxruntime-genai model builder's output for "
+                        "--genai-checkpoint (see genai_reference): time it as a reference point")
+    parser.add_argument("--genai-checkpoint", type=Path, default=Path("artifacts/bench/qwen3-0.6b-random"))
+    parser.add_argument("--genai-only", action="store_true", help="time only --genai, added to an existing --out")
     args = parser.parse_args(argv)
     started, loadavg = time.time(), list(os.getloadavg())
+    genai = None
+    if args.genai is not None:
+        print(f"onnxruntime-genai: {args.genai}, 32 documents of W", flush=True)
+        genai = {**genai_reference(args.genai, args.genai_checkpoint, 32, args.threads), "loadavg_before": loadavg,
+                 "created_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))}
+    if args.genai_only:
+        if genai is None:
+            parser.error("--genai-only needs --genai DIR")
+        results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        results["genai"] = genai
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"added the genai reference to {args.out}")
+        return 0
     print(f"linear layers: {args.tokens} rows, {args.threads} threads", flush=True)
     linears = linear_levers(args.tokens, args.threads, args.min_seconds)
     print(f"attention: {args.docs} documents x {args.doc_tokens} tokens after a {args.prefix}-token prefix", flush=True)
@@ -425,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "linear": {"tokens": args.tokens, "rows": linears},
         "attention": {"docs": args.docs, "doc_tokens": args.doc_tokens, "prefix": args.prefix, "rows": attention},
         "llamacpp": llamacpp,
+        "genai": genai,
         "seconds": time.time() - started,
         "loadavg_after": list(os.getloadavg()),
     }

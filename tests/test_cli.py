@@ -37,6 +37,19 @@ def test_score_json_matches_the_api(tiny_checkpoint, tiny_scorer):
 
 
 @pytest.mark.slow
+def test_score_precision_bf16_matches_the_api_in_bf16(tiny_checkpoint):
+    import answerfirst
+
+    out = run_cli("score", "--model", str(tiny_checkpoint), "--query", "red shoes", "--doc", "red shoes.", "--json",
+                  "--precision", "bf16")
+    assert out.returncode == 0, out.stderr
+    expected = answerfirst.load(tiny_checkpoint, precision="bf16").score("red shoes", ["red shoes."])
+    np.testing.assert_allclose(json.loads(out.stdout)["probs"], expected[0].probs, atol=1e-6)
+    out = run_cli("score", "--model", str(tiny_checkpoint), "--query", "q", "--doc", "d", "--precision", "fp16")
+    assert out.returncode == 2 and "invalid choice: 'fp16'" in out.stderr
+
+
+@pytest.mark.slow
 def test_explain_prints_grade_then_text(tiny_checkpoint, tiny_scorer):
     out = run_cli("explain", "--model", str(tiny_checkpoint), "--query", "red shoes", "--doc", "red running shoes", "--max-new-tokens", "6")
     assert out.returncode == 0, out.stderr

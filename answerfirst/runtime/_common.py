@@ -22,6 +22,7 @@ CPU_BATCH_TOKENS = 4096
 
 PRECISIONS = ("fp32", "bf16", "auto")  # load(precision=...) of a torch checkpoint (runtime/_torch.py: compute_dtype)
 
+
 @dataclass(frozen=True)
 class ScorerConfig:
     """Knobs beyond load()'s arguments. Each backend reads the ones that concern it.

@@ -72,7 +72,7 @@ class NonFiniteScoreError(RuntimeError):
 
 
 __all__ = [
-    "BACKEND_OF_KIND", "DEFAULT_MAX_QUERY_TOKENS", "DEFAULT_MODEL_ENV", "DEFAULT_MODEL_PATH",
+    "BACKEND_OF_KIND", "DEFAULT_MAX_QUERY_TOKENS", "DEFAULT_MODEL_ENV", "DEFAULT_MODEL_PATH", "PRECISIONS",
     "Backend", "ContextLengthError", "ForwardPass", "NonFiniteScoreError", "PrefixCache", "Scorer",
     "ScorerConfig", "ScoringPlan", "check_context", "check_finite", "load", "score",
 ]

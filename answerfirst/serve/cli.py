@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from answerfirst.runtime.api import DEFAULT_MODEL_ENV, DEFAULT_MODEL_PATH
+from answerfirst.runtime.api import DEFAULT_MODEL_ENV, DEFAULT_MODEL_PATH, PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "gguf"])
     model.add_argument("--variant", default=None, help="file of an ONNX/GGUF export (default: the fastest whose parity passed)")
     model.add_argument("--device", default="cpu")
-    model.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
+    model.add_argument("--precision", default=None, choices=PRECISIONS,
                        help="what a checkpoint computes in (auto: bf16 where the CPU has AMX bf16 / AVX512_BF16 or on a GPU)")
     model.add_argument("--threads", type=int, default=None, help="threads of the backend (default: all cores)")
     model.add_argument("--model-name", default=None, help="the name replies carry in `model` (default: the model directory's name)")
