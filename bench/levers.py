@@ -35,6 +35,9 @@ Attention: one layer over B documents of T tokens continuing one P-token prefix 
 llama.cpp (with --gguf): Q8_0 and Q4_K_M end to end through answerfirst.load, at n_batch 128 / 256 /
 512 and 1 or all threads.
 
+Other GGUF quantizations (with --gguf-more DIR): the variants of another export of the same model
+(e.g. `answerfirst export gguf --quant iq4_nl`) beside Q8_0 and Q4_K_M, at the default n_batch.
+
 Reference point (with --genai DIR): the graph onnxruntime-genai's model builder writes for the same
 checkpoint (GroupQueryAttention + MatMulNBits int8), timed on W's 32 documents (genai_reference).
 
@@ -374,14 +377,30 @@ def llamacpp_levers(gguf: Path, docs: int, threads: int, say=print) -> list[dict
     """Scoring `docs` documents of W through the GGUF backend (answerfirst.load), per quantization,
     n_batch (tokens per llama_decode, also its ubatch) and thread count: seconds per document, the
     better of two calls after a warm-up call, each with its prefix (a new query)."""
+    settings = [(gguf, quant, n_batch, threads) for quant in ("q8_0", "q4_k_m") for n_batch in (128, 256, 512)]
+    settings += [(gguf, "q4_k_m", 256, 1)] if threads > 1 else []
+    return _time_gguf(settings, docs, say)
+
+
+def quant_levers(gguf: Path, more: list[Path], docs: int, threads: int, say=print) -> list[dict[str, Any]]:
+    """Other quantizations beside Q8_0 and Q4_K_M, at the default n_batch: every variant (rank heads
+    aside) of the exports in `more` (e.g. `answerfirst export gguf --quant iq4_nl`), timed in the same
+    run as `gguf`'s Q4_K_M and Q8_0."""
+    from answerfirst.artifact import Manifest
+
+    settings = [(gguf, quant, 256, threads) for quant in ("q8_0", "q4_k_m")]
+    for directory in more:
+        settings += [(directory, v.name, 256, threads) for v in Manifest.read(directory).variants if not v.name.endswith("-rank")]
+    return _time_gguf(settings, docs, say)
+
+
+def _time_gguf(settings: list[tuple[Path, str, int, int]], docs: int, say) -> list[dict[str, Any]]:
     import answerfirst
     from answerfirst.bench.workload import workload_w
     from answerfirst.runtime import ScorerConfig
 
     rows: list[dict[str, Any]] = []
-    settings = [(quant, n_batch, threads) for quant in ("q8_0", "q4_k_m") for n_batch in (128, 256, 512)]
-    settings += [("q4_k_m", 256, 1)] if threads > 1 else []
-    for quant, n_batch, n_threads in settings:
+    for gguf, quant, n_batch, n_threads in settings:
         scorer = answerfirst.load(gguf, threads=n_threads, variant=quant, config=ScorerConfig(n_batch=n_batch))
         work = workload_w(scorer.prompts, docs)
         best = float("inf")
@@ -391,8 +410,8 @@ def llamacpp_levers(gguf: Path, docs: int, threads: int, say=print) -> list[dict
             scorer.score(work.query, list(work.docs))
             if call:  # the first call warms up
                 best = min(best, time.perf_counter() - start)
-        rows.append({"lever": f"{quant} n_batch {n_batch}, {n_threads} thread(s)", "quant": quant, "n_batch": n_batch,
-                     "threads": n_threads, "seconds_per_doc": best / docs})
+        rows.append({"lever": f"{quant} n_batch {n_batch}, {n_threads} thread(s)", "gguf": str(gguf), "quant": quant,
+                     "n_batch": n_batch, "threads": n_threads, "seconds_per_doc": best / docs})
         say(f"  {rows[-1]['lever']:34s} {best / docs * 1e3:7.0f} ms/doc")
         del scorer
     return rows
@@ -465,21 +484,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genai", type=Path, default=None, help="the onnxruntime-genai model builder's output for "
                         "--genai-checkpoint (see genai_reference): time it as a reference point")
     parser.add_argument("--genai-checkpoint", type=Path, default=Path("artifacts/bench/qwen3-0.6b-random"))
-    parser.add_argument("--genai-only", action="store_true", help="time only --genai, added to an existing --out")
+    parser.add_argument("--gguf-more", type=Path, action="append", default=[], help="another GGUF export of the same "
+                        "model (e.g. --quant iq4_nl): its variants are timed beside --gguf's Q8_0 and Q4_K_M (repeatable)")
+    parser.add_argument("--extras-only", action="store_true", help="time only --genai and --gguf-more, added to an existing --out")
     args = parser.parse_args(argv)
     started, loadavg = time.time(), list(os.getloadavg())
-    genai = None
+    stamp = {"loadavg_before": loadavg, "created_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))}
+    extras: dict[str, Any] = {}
     if args.genai is not None:
         print(f"onnxruntime-genai: {args.genai}, 32 documents of W", flush=True)
-        genai = {**genai_reference(args.genai, args.genai_checkpoint, 32, args.threads), "loadavg_before": loadavg,
-                 "created_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))}
-    if args.genai_only:
-        if genai is None:
-            parser.error("--genai-only needs --genai DIR")
+        extras["genai"] = {**genai_reference(args.genai, args.genai_checkpoint, 32, args.threads), **stamp}
+    if args.gguf_more:
+        if args.gguf is None:
+            parser.error("--gguf-more needs --gguf (the export whose Q8_0 and Q4_K_M it is timed beside)")
+        print(f"GGUF quantizations: {args.gguf} and {', '.join(map(str, args.gguf_more))}, {args.gguf_docs} documents of W", flush=True)
+        extras["quants"] = {"rows": quant_levers(args.gguf, args.gguf_more, args.gguf_docs, args.threads), "docs": args.gguf_docs, **stamp}
+    if args.extras_only:
+        if not extras:
+            parser.error("--extras-only needs --genai DIR or --gguf-more DIR")
         results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        results["genai"] = genai
+        results.update(extras)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"added the genai reference to {args.out}")
+        print(f"added {', '.join(extras)} to {args.out}")
         return 0
     print(f"linear layers: {args.tokens} rows, {args.threads} threads", flush=True)
     linears = linear_levers(args.tokens, args.threads, args.min_seconds)
@@ -499,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "linear": {"tokens": args.tokens, "rows": linears},
         "attention": {"docs": args.docs, "doc_tokens": args.doc_tokens, "prefix": args.prefix, "rows": attention},
         "llamacpp": llamacpp,
-        "genai": genai,
+        **extras,
         "seconds": time.time() - started,
         "loadavg_after": list(os.getloadavg()),
     }

@@ -202,6 +202,20 @@ def test_q4_k_m_on_a_256_aligned_model(k_quant_checkpoint, tmp_path):
             answerfirst.load(out, threads=1)
 
 
+@pytest.mark.slow
+def test_iq4_nl_is_quantized_by_llama_cpp_and_its_parity_recorded(k_quant_checkpoint, tmp_path):
+    out = tmp_path / "iq4"
+    manifest = export_gguf(k_quant_checkpoint, out, ("iq4_nl",), probe_pairs=PAIRS, threads=1)
+    assert [v.name for v in manifest.variants] == ["iq4_nl", "iq4_nl-rank"]
+    types = manifest.info["export"]["tensor_types"]["iq4_nl"]
+    assert types.get("IQ4_NL", 0) > 0, types  # really 4-bit non-linear blocks, not a fallback
+    reference = as_array(answerfirst.load(k_quant_checkpoint).score_pairs(PAIRS))
+    got = as_array(answerfirst.load(out, variant="iq4_nl", threads=1, config=F32_KV).score_pairs(PAIRS))
+    deviation = np.abs(got - reference).max()
+    assert manifest.variants[0].parity["max_abs_dp"] == pytest.approx(deviation, abs=1e-6)
+    assert 1e-3 < deviation <= RANDOM_Q4_K_M_BOUND  # quantized, and as close as Q4_K_M on these weights
+
+
 def test_every_file_carries_a_rank_head_that_llama_cpp_reranking_reads(gguf_export, tiny_checkpoint):
     """cls.output = the grade rows of the output head (highest grade first, as llama-server returns
     its first output as the score), RANK pooling, the grade labels and the AFRL rerank template."""

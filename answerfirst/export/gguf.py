@@ -102,6 +102,10 @@ QUANTS: dict[str, Quant] = {
     "q5_k_m": Quant("q5_k_m", 17, False, ParityThresholds(max_abs_dp=0.25, min_agreement=0.8, min_spearman=0.85)),
     "q8_0": Quant("q8_0", 7, True, ParityThresholds(max_abs_dp=0.10, min_agreement=0.9, min_spearman=0.9)),
     "f16": Quant("f16", 1, True, ParityThresholds(max_abs_dp=5e-3, min_agreement=0.95, min_spearman=0.98)),
+    # 4-bit non-linear blocks of 32, no importance matrix needed; held to Q4_K_M's bounds (a 4-bit quant
+    # alike). Slow on CPUs: 1099 ms/doc at Qwen3-0.6B on the AMX Xeon of bench/results, Q4_K_M 523,
+    # Q8_0 973 (bench/levers.py), so it comes after F16 in this order.
+    "iq4_nl": Quant("iq4_nl", 25, False, ParityThresholds(max_abs_dp=0.35, min_agreement=0.75, min_spearman=0.8)),
     "f32": Quant("f32", 0, True, ParityThresholds(max_abs_dp=1e-3, min_agreement=1.0, min_spearman=0.999)),
 }
 DEFAULT_QUANTS = ("f16", "q8_0", "q4_k_m")
