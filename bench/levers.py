@@ -20,7 +20,7 @@ fp32 activations, fp32 out, as in the graph:
     openvino-f32             OpenVINO's CPU plugin on the fp32 graph
     openvino-int8w           nncf int8 weights (per channel) + dynamic activation quantization (group 32)
     openvino-int8w-bf16      the same with bf16 compute (AMX), where the CPU has it
-    torch-fp32 / torch-bf16  torch.mm; bf16 only where the CPU has AVX512_BF16
+    torch-fp32 / torch-bf16  torch.mm; bf16 only where the CPU has AMX bf16 or AVX512_BF16
     torch-int8-dynamic       per-row activation quantization, torch._int_mm, dequantization
 Each reports seconds per layer, GOP/s and its largest error relative to the fp32 result.
 
@@ -29,7 +29,7 @@ Attention: one layer over B documents of T tokens continuing one P-token prefix 
     explicit-batched         today's graph: transposes, MatMul against the broadcast prefix K and the
                              documents' own K, causal mask, Softmax, two MatMuls with V, Concat
     gqa-one-doc-per-run      com.microsoft.GroupQueryAttention, one document per run with the prefix
-                             KV as its past (the op's CPU kernel takes one past length per batch)
+                             KV as its past (the op's CPU kernel continues a past only at batch 1)
     gqa-batched              the same op on all B documents at once, the prefix copied B times
 
 llama.cpp (with --gguf): Q8_0 and Q4_K_M end to end through answerfirst.load, at n_batch 128 / 256 /
@@ -216,7 +216,7 @@ def linear_levers(tokens: int, threads: int, min_seconds: float, say=print) -> l
                    lambda: [torch.mm(x, w) for x, w in zip(bxs, bws, strict=True)],
                    lambda: [torch.mm(x, w).float().numpy() for x, w in zip(bxs, bws, strict=True)])
         else:
-            say("  torch-bf16: skipped (no AVX512_BF16 on this CPU)")
+            say("  torch-bf16: skipped (no AMX bf16 or AVX512_BF16 on this CPU)")
         w_scale = [w.abs().amax(dim=0) / 127 for w in tws]
         qws = [torch.round(w / s).clamp(-127, 127).to(torch.int8) for w, s in zip(tws, w_scale, strict=True)]
 
