@@ -241,6 +241,8 @@ class TrainingExample:
                 token are not (the grade has its own terms).
     truncated:  the document was cut to max_doc_tokens (doc_truncated) or the explanation to
                 max_trace_tokens (trace_truncated).
+    tags:       (T,) a token tag per position (-100 = none) from the document's tagged character
+                spans, or None when the row has none (train.py's tag term reads them).
     """
 
     input_ids: tuple[int, ...]
@@ -249,6 +251,7 @@ class TrainingExample:
     truncated: bool
     doc_truncated: bool = False
     trace_truncated: bool = False
+    tags: tuple[int, ...] | None = None
 
 
 class PromptTokenizer:
@@ -373,9 +376,11 @@ class PromptTokenizer:
     # -- training sequences ----------------------------------------------------------------------
 
     def training_example(
-        self, query: str, doc: str, grade: int, explanation: str, max_trace_tokens: int = DEFAULT_MAX_TRACE_TOKENS
+        self, query: str, doc: str, grade: int, explanation: str, max_trace_tokens: int = DEFAULT_MAX_TRACE_TOKENS,
+        doc_tags: Sequence[Sequence[int]] | None = None,
     ) -> TrainingExample:
-        """grade: index into `format.grades` (the grade the answer starts with)."""
+        """grade: index into `format.grades` (the grade the answer starts with). doc_tags: [[start,
+        end, tag], ...] character spans of `doc`; every document token that overlaps a span gets its tag."""
         if not 0 <= grade < len(self.grade_ids):
             raise FormatError(f"grade index {grade} is outside 0..{len(self.grade_ids) - 1}")
         prompt = self.prompt(query, doc)
@@ -386,9 +391,35 @@ class PromptTokenizer:
         prompt_ids = prompt.input_ids
         input_ids = (*prompt_ids, self.grade_ids[grade], *answer_tail)
         labels = (-100,) * (len(prompt_ids) + 1) + tuple(answer_tail)
+        tags = None
+        if doc_tags is not None:
+            doc_start = len(prompt.prefix_ids)
+            tagged = [-100] * len(input_ids)
+            tagged[doc_start : doc_start + len(prompt.doc_ids)] = self._doc_token_tags(doc, doc_tags)[: len(prompt.doc_ids)]
+            tags = tuple(tagged)
         return TrainingExample(
-            input_ids, len(prompt_ids) - 1, labels, prompt.truncated or trace_truncated, prompt.truncated, trace_truncated
+            input_ids, len(prompt_ids) - 1, labels, prompt.truncated or trace_truncated, prompt.truncated, trace_truncated,
+            tags,
         )
+
+    def _doc_token_tags(self, doc: str, doc_tags: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """One tag per token of the (uncut) document segment: the tag of the span it overlaps, else -100."""
+        if not isinstance(doc_tags, (list, tuple)):
+            raise FormatError(f"document tags must be a list of [start, end, tag], got {type(doc_tags).__name__}")
+        for span in doc_tags:
+            if not isinstance(span, (list, tuple)) or len(span) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
+                raise FormatError(f"a document tag must be [start, end, tag] integers, got {span!r}")
+            start, end, tag = span
+            if not 0 <= start < end <= len(doc) or tag < 0:
+                raise FormatError(f"document tag {list(span)} is outside the document ({len(doc)} characters) or negative")
+        lead = len(self.doc_lead)  # offsets count the lead spaces the segment starts with
+        offsets = self._plain.encode(self.doc_lead + doc, add_special_tokens=False).offsets
+        tags = [-100] * len(offsets)
+        for i, (a, b) in enumerate(offsets):
+            for start, end, tag in doc_tags:
+                if a < end + lead and b > start + lead:
+                    tags[i] = tag
+        return tuple(tags)
 
     # -- explanations ----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from answerfirst.artifact import Manifest
 from answerfirst.distill import label as label_mod
 from answerfirst.distill.objectives import LossWeights, trace_ce
 from answerfirst.distill.sample import (
+    TAG_NAMES,
     cross_sell,
     grade_and_reason,
     product_text,
@@ -93,7 +94,7 @@ def test_sample_pairs_is_deterministic_graded_and_split_by_query():
     held_q = {r["query"] for r in rows if r["split"] == "heldout"}
     assert held_q and train_q and not train_q & held_q
     for r in rows:
-        assert set(r) == {"id", "query", "doc", "label", "reason", "split"}
+        assert set(r) == {"id", "query", "doc", "label", "reason", "split", "tags"}
         assert r["reason"].startswith("Matches: ") and "\nMisses: " in r["reason"]
 
 
@@ -136,6 +137,23 @@ def test_grade_follows_the_rubric():
     assert grade_and_reason(target, ("brand",), random_product(rng, "kitchen"))[0] == 0
 
 
+def test_title_tags_name_the_title_words_and_agree_with_the_grade():
+    rows = sample_pairs(3, n_queries=60)
+    assert all("tags" not in r for r in sample_pairs(3, n_queries=60, writer="prose"))
+    for row in rows:
+        tagged = {row["doc"][start:end]: TAG_NAMES[tag] for start, end, tag in row["tags"]}
+        title = row["doc"].split(".")[0]
+        assert len(tagged) == 5 and all(word in title for word in tagged), (row["doc"], tagged)
+        names = list(tagged.values())
+        type_tag = next(n for n in names if n.startswith("type"))
+        # the grade, computed by the rubric, is what the tags say: type first, then the misses counted
+        assert type_tag == {0: "type of another category", 1: "type of the category"}.get(row["label"], "type asked")
+        misses, asked = names.count("attribute not as asked"), 4 - names.count("attribute not asked")
+        assert 1 <= asked <= 3  # a query names one to three attributes
+        if row["label"] >= 2:
+            assert {4: misses == 0, 3: misses == 1, 2: misses >= 2}[row["label"]], (row["label"], tagged)
+
+
 @pytest.mark.parametrize("words", [64, 128, 192])
 def test_product_text_has_about_the_requested_length(words):
     text = product_text(random.Random(words), words)
@@ -170,6 +188,23 @@ def test_student_forward_equals_the_full_model_on_the_answer_window(tiny_checkpo
     with torch.no_grad():
         alone, _ = student_forward(head, single)
     torch.testing.assert_close(alone[0], grade_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_training_example_tags_exactly_the_tokens_of_the_tagged_words(tiny_checkpoint):
+    _, _, prompts, _ = load_student(tiny_checkpoint)
+    query, doc = "red running shoes", "Nike running shoes in blue, mesh, size 42. Free delivery."
+    spans = [[doc.index("blue"), doc.index("blue") + 4, 4], [doc.index("size 42"), doc.index("size 42") + 7, 3]]
+    example = prompts.training_example(query, doc, 3, "Misses: colour.", doc_tags=spans)
+    assert len(example.tags) == len(example.input_ids)
+    tagged = {}
+    for position, tag in enumerate(example.tags):
+        if tag != -100:
+            tagged.setdefault(tag, []).append(example.input_ids[position])
+    assert prompts.decode(tagged[4]).strip() == "blue" and prompts.decode(tagged[3]).strip() == "size 42"
+    assert prompts.training_example(query, doc, 3, "x").tags is None
+    for bad in ([[0, 999, 1]], [[5, 2, 1]], [[0, 3]], "0 3 1", [[0, 3, -1]]):
+        with pytest.raises(ValueError, match="tag"):
+            prompts.training_example(query, doc, 3, "x", doc_tags=bad)
 
 
 def test_train_config_validation_names_the_field():
@@ -232,6 +267,26 @@ def test_train_moves_every_parameter_and_writes_a_loadable_student(tiny_model_di
     score = scorer.score(row["query"], [row["doc"]])[0]
     assert len(score.probs) == 5 and abs(sum(score.probs) - 1) < 1e-6
     assert result.metrics == manifest.info["metrics"]
+
+
+@pytest.mark.slow
+def test_the_tag_term_trains_a_probe_that_is_not_saved(tiny_model_dir, tmp_path):
+    rows = _teacher_rows()
+    data = _write_jsonl(tmp_path / "sft.jsonl", [{k: v for k, v in r.items() if k != "teacher_probs"} for r in rows])
+    config = _config(alpha=0.0, gamma=1.0, delta=1.0, tag_layer=1, save_every=0)
+    before = _params(tiny_model_dir)
+    result = train(tiny_model_dir, data, tmp_path / "tagged", config)
+    tag_terms = [r["tag_ce"] for r in result.history if r["split"] == "train"]
+    assert len(tag_terms) == 6 and all(t > 0 for t in tag_terms)
+    after = _params(tmp_path / "tagged")
+    assert set(after) == set(before)  # the probe is training-only: the saved model has the LM's tensors alone
+    assert not [name for name in before if torch.equal(before[name], after[name])]
+    # Without tags in the rows, or with a layer the model lacks, the run says so before it starts.
+    untagged = _write_jsonl(tmp_path / "untagged.jsonl", [{k: v for k, v in r.items() if k != "tags"} for r in rows])
+    with pytest.raises(ValueError, match="delta > 0 needs rows with document 'tags'"):
+        train(tiny_model_dir, untagged, tmp_path / "x", config)
+    with pytest.raises(ValueError, match="tag_layer"):
+        train(tiny_model_dir, data, tmp_path / "y", _config(alpha=0.0, delta=1.0, tag_layer=99))
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ thread (the CI machine has two cores shared with torch)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -415,15 +414,25 @@ def test_missing_llama_cpp_python_is_a_clear_import_error(gguf_export):
     assert 'IMPORT-ERROR' in out.stdout and 'pip install "answerfirst[gguf]"' in out.stdout, out.stdout + out.stderr
 
 
-def test_rerun_resumes_and_other_checkpoints_are_refused(gguf_export, tiny_checkpoint, k_quant_checkpoint):
+def test_rerun_resumes_and_an_export_of_other_weights_is_replaced(gguf_export, tiny_checkpoint, k_quant_checkpoint, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in gguf_export.glob("*.gguf")}
     parity_before = {v.name: v.parity for v in Manifest.read(gguf_export).variants}
     manifest = export_gguf(tiny_checkpoint, gguf_export, ("f32", "f16", "q8_0"), probe_pairs=PAIRS, threads=1)
     assert {p.name: p.stat().st_mtime_ns for p in gguf_export.glob("*.gguf")} == before  # nothing rewritten
     assert {v.name: v.parity for v in manifest.variants} == parity_before
-    with pytest.raises(GGUFExportError, match="another checkpoint.*--force"):
-        export_gguf(k_quant_checkpoint, gguf_export, ("f32",))
-    assert json.loads((gguf_export / "answerfirst.json").read_text())["source"]["model"] == str(tiny_checkpoint)
+    # The student changed (`make distill export` again): its export replaces the old one, no stale file left.
+    other = tmp_path / "other"
+    shutil.copytree(gguf_export, other)
+    replaced = export_gguf(k_quant_checkpoint, other, ("f32",), probe_pairs=PAIRS, threads=1)
+    assert replaced.source["model"] == str(k_quant_checkpoint)
+    assert sorted(p.name for p in other.glob("*.gguf")) == sorted({v.file for v in replaced.variants})
+    # Another kind of artifact is never overwritten without --force.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "answerfirst.json").write_text('{"kind": "onnx"}')
+    with pytest.raises(GGUFExportError, match="another kind of artifact.*--force"):
+        export_gguf(k_quant_checkpoint, foreign, ("f32",))
+    assert (foreign / "answerfirst.json").read_text() == '{"kind": "onnx"}'
 
 
 def test_bad_arguments_are_clear_errors(tiny_checkpoint, tmp_path):

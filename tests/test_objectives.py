@@ -14,6 +14,7 @@ from answerfirst.distill.objectives import (
     first_token_kl,
     gold_grade_ce,
     tempered_teacher,
+    token_tag_ce,
     trace_ce,
 )
 
@@ -104,13 +105,36 @@ def test_distill_loss_is_the_weighted_sum_of_its_terms():
     assert set(sft_parts) == {"trace_ce", "gold_ce"}
 
 
+def test_token_tag_ce_is_the_mean_ce_over_tagged_tokens_only():
+    tag_logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.5]]])  # (1, 3, 3)
+    tags = torch.tensor([[0, -100, 2]])
+    expected = (-math.log(_softmax([2.0, 0.0, -1.0])[0]) - math.log(_softmax([1.0, 3.0, 0.5])[2])) / 2
+    assert float(token_tag_ce(tag_logits, tags)) == pytest.approx(expected, rel=1e-6)
+    assert float(token_tag_ce(tag_logits, torch.full((1, 3), -100))) == 0.0
+
+
+def test_distill_loss_adds_the_tag_term_only_when_delta_is_set():
+    torch.manual_seed(1)
+    grade_logits, logits = torch.randn(2, 5), torch.randn(2, 4, 9)
+    labels, gold = torch.tensor([[-100, 3, 1, 2]] * 2), torch.tensor([1, 4])
+    tag_logits, tags = torch.randn(2, 4, 6), torch.tensor([[-100, 5, 0, -100], [3, -100, -100, 4]])
+    total, parts = distill_loss(grade_logits, logits, labels, None, gold, LossWeights(beta=1.0, gamma=1.0, delta=0.5),
+                                tag_logits, tags)
+    assert parts["tag_ce"] == pytest.approx(0.5 * float(token_tag_ce(tag_logits, tags)), rel=1e-6)
+    assert float(total) == pytest.approx(sum(parts.values()), rel=1e-6)
+    _, no_tags = distill_loss(grade_logits, logits, labels, None, gold, LossWeights(beta=1.0, gamma=1.0), tag_logits, tags)
+    assert "tag_ce" not in no_tags
+    with pytest.raises(ValueError, match="delta > 0"):
+        distill_loss(grade_logits, logits, labels, None, gold, LossWeights(delta=1.0))
+
+
 def test_distill_loss_refuses_to_run_with_every_term_off():
     with pytest.raises(ValueError, match="switched off"):
         distill_loss(torch.zeros(1, 5), torch.zeros(1, 2, 7), torch.full((1, 2), -100), None, torch.tensor([1]),
                      LossWeights(alpha=1.0, beta=0.0, gamma=0.0))
 
 
-@pytest.mark.parametrize("field,value", [("alpha", -1.0), ("beta", -0.1), ("gamma", -2.0), ("temperature", 0.0)])
+@pytest.mark.parametrize("field,value", [("alpha", -1.0), ("beta", -0.1), ("gamma", -2.0), ("temperature", 0.0), ("delta", -1.0)])
 def test_loss_weights_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         LossWeights(**{field: value})

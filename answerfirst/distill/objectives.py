@@ -3,6 +3,12 @@
     L = α · τ² · KL(p_teacher^τ ‖ p_student^τ)      first answer position, over the K grade tokens
       + β · CE(trace tokens)                          the teacher's explanation after its grade
       + γ · CE(gold grade)                            where a gold label exists
+      + δ · CE(token tags)                            document tokens whose row tags them (sample teacher)
+
+The tag term trains a linear probe on a middle layer to say, for each tagged document token, what
+it says of the match (e.g. "attribute not as asked"): a dense, per-token signal that shows a small
+model where to compare the query with the page, which the grade alone (one label per sequence)
+teaches slowly. The probe is training-only; the saved model is the LM.
 
 The τ² factor keeps the KL term's gradient scale independent of τ (Hinton et al., 2015,
 "Distilling the Knowledge in a Neural Network", §2). The teacher arrives as probabilities over the
@@ -66,15 +72,26 @@ def gold_grade_ce(grade_logits: torch.Tensor, gold: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(grade_logits.float(), gold, ignore_index=IGNORE_INDEX)
 
 
+def token_tag_ce(tag_logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """CE of each tagged token's tag, mean over the tagged tokens.
+
+    tag_logits: (B, T, C) the tag probe's logits at every position; tags: (B, T) tag index or -100.
+    Returns 0 (with a gradient path) when no token is tagged."""
+    if not (tags != IGNORE_INDEX).any():
+        return tag_logits.sum() * 0.0
+    return F.cross_entropy(tag_logits.reshape(-1, tag_logits.shape[-1]).float(), tags.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 @dataclass(frozen=True)
 class LossWeights:
     alpha: float = 1.0  # first-token KL to the teacher
     beta: float = 1.0  # trace SFT
     gamma: float = 0.0  # gold grade CE
     temperature: float = 1.0
+    delta: float = 0.0  # token-tag CE
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma"):
+        for name in ("alpha", "beta", "gamma", "delta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: loss weights must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -88,11 +105,14 @@ def distill_loss(
     teacher_probs: torch.Tensor | None,
     gold: torch.Tensor,
     weights: LossWeights,
+    tag_logits: torch.Tensor | None = None,
+    tags: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """α·τ²·KL + β·CE(trace) + γ·CE(gold); returns (total, each term as a float for logging).
+    """α·τ²·KL + β·CE(trace) + γ·CE(gold) + δ·CE(tags); returns (total, each term as a float for logging).
 
     grade_logits (B, K), logits (B, T, V), labels (B, T), teacher_probs (B, K) or None (pure SFT,
-    e.g. training the sample teacher on gold data), gold (B,) grade index or -100.
+    e.g. training the sample teacher on gold data), gold (B,) grade index or -100; tag_logits
+    (B, T, C) and tags (B, T) for the tag term (both needed when δ > 0).
     """
     parts: dict[str, torch.Tensor] = {}
     if teacher_probs is not None and weights.alpha > 0:
@@ -101,7 +121,11 @@ def distill_loss(
         parts["trace_ce"] = weights.beta * trace_ce(logits, labels)
     if weights.gamma > 0:
         parts["gold_ce"] = weights.gamma * gold_grade_ce(grade_logits, gold)
+    if weights.delta > 0:
+        if tag_logits is None or tags is None:
+            raise ValueError("delta > 0 (the token-tag term) needs tag_logits and tags")
+        parts["tag_ce"] = weights.delta * token_tag_ce(tag_logits, tags)
     if not parts:
-        raise ValueError("every loss term is switched off (alpha, beta and gamma are 0, or no teacher probs)")
+        raise ValueError("every loss term is switched off (alpha, beta, gamma and delta are 0, or no teacher probs)")
     total = torch.stack(list(parts.values())).sum()
     return total, {name: float(value.detach()) for name, value in parts.items()}

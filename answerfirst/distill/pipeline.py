@@ -5,9 +5,10 @@ Offline by default, and still the real flow end to end:
   1. pairs     the deterministic e-commerce sample (distill/sample.py), or --data PAIRS.jsonl. The
                sample also writes its held-out queries a second time in another shop's words
                (the "prose" writer), to measure what the models learned beyond one template.
-  2. teacher   a small Qwen3 the kit trains by SFT on the gold grade + reason (objectives.py with
-               alpha=0), on a tokenizer trained here on the sample; cached under --work and reused
-               while its inputs are unchanged. Or --teacher T (dir or hub id).
+  2. teacher   a small Qwen3 the kit trains by SFT on the gold grade + reason, and on the sample's
+               title token tags (objectives.py with alpha=0, delta=1), on a tokenizer trained here
+               on the sample; cached under --work and reused while its inputs are unchanged. Or
+               --teacher T (dir or hub id).
   3. label     teacher_probs + generated traces (distill/label.py, resumable) for the held-out pairs
                and the pairs of `label_queries` training queries: what the student learns from.
   4. student   (--student S, or) the sample teacher cut to the layers `student_layers` (a smaller
@@ -97,7 +98,7 @@ class DefaultRunConfig:
     cross_sell_rate: float = 0.5
     vocab_size: int = 2048
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(
-        alpha=0.0, beta=1.0, gamma=1.0, lr=3e-3, max_steps=5500, batch_size=8, warmup_ratio=0.05,
+        alpha=0.0, beta=1.0, gamma=1.0, delta=1.0, tag_layer=1, lr=3e-3, max_steps=5500, batch_size=8, warmup_ratio=0.05,
         eval_every=0, save_every=500, log_every=250, max_trace_tokens=48,
     ))
     label_queries: int = 400
@@ -234,7 +235,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _sample_teacher(work: Path, pairs: Path, config: DefaultRunConfig, say: Callable[[str], Any]) -> Path:
-    """Train (or reuse) the sample teacher: a tokenizer on the sample, a random Qwen3, SFT on gold."""
+    """Train (or reuse) the sample teacher: a tokenizer on the sample, a random Qwen3, SFT on gold
+    grades, reasons and title token tags."""
     from answerfirst.afrl import DEFAULT_RUBRIC, AFRLFormat
     from answerfirst.offline import random_qwen3, train_tokenizer
 
@@ -253,7 +255,7 @@ def _sample_teacher(work: Path, pairs: Path, config: DefaultRunConfig, say: Call
         fmt = AFRLFormat.from_chat_template(tokenizer, rubric=SAMPLE_RUBRIC)
         _save_init(init, model, tokenizer, fmt, "random init (sample teacher)")
         _write_stamp(init, key)
-    what = f"SFT of a {TEACHER_SHAPE['num_hidden_layers']}-layer Qwen3 on gold grades + reasons"
+    what = f"SFT of a {TEACHER_SHAPE['num_hidden_layers']}-layer Qwen3 on gold grades + reasons + title token tags"
     return train_stage("[2/5] teacher", what, init, pairs, work / "teacher", config.teacher, key, say,
                         info={"role": "sample teacher"})
 

@@ -111,10 +111,52 @@ def random_product(rng: random.Random, category: str | None = None, type_: str |
     )
 
 
+def catalogue_title(product: Product) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The catalogue writer's title, "{brand} {type} in {colour}, {material}, {size}.", and the
+    character span of each field in it."""
+    spans, text = {}, ""
+    for field, after in (("brand", " "), ("type", " in "), ("colour", ", "), ("material", ", "), ("size", ".")):
+        value = getattr(product, field)
+        spans[field] = (len(text), len(text) + len(value))
+        text += value + after
+    return text, spans
+
+
+# Token tags: what each word of a catalogue title says about the page's relevance to the query. The
+# sample teacher learns to predict them on the title's tokens beside its grade (train.py, the tag
+# term): a dense signal that shows it where to compare the query with the page.
+TAG_NAMES = (
+    "type asked",  # the title's product type is the query's
+    "type of the category",  # another type of the query's category
+    "type of another category",
+    "attribute as asked",  # brand / colour / material / size equal to the query's
+    "attribute not as asked",  # the query names this attribute with another value
+    "attribute not asked",  # the query does not name it
+)
+
+
+def title_tags(query_product: Product, named: tuple[str, ...], doc: Product) -> list[list[int]]:
+    """[[start, end, tag], ...]: character spans of the catalogue title's fields, tagged by index into
+    TAG_NAMES (the `tags` of a catalogue row; the title opens its page)."""
+    _, spans = catalogue_title(doc)
+    if doc.type == query_product.type:
+        type_tag = 0
+    else:
+        type_tag = 1 if doc.category == query_product.category else 2
+    tags = [[*spans["type"], type_tag]]
+    for attribute in ATTRIBUTES:
+        if attribute not in named:
+            tag = 5
+        else:
+            tag = 3 if getattr(doc, attribute) == getattr(query_product, attribute) else 4
+        tags.append([*spans[attribute], tag])
+    return sorted(tags)
+
+
 def describe(rng: random.Random, product: Product, target_words: int) -> str:
     """A product page of about `target_words` words: a title with every attribute, then features
     and shop filler. The attributes always appear verbatim, so relevance is decidable from the text."""
-    title = f"{product.brand} {product.type} in {product.colour}, {product.material}, {product.size}."
+    title, _ = catalogue_title(product)
     features = rng.sample(FEATURES, 2)
     sentences = [title, f"This {product.type} is {features[0]} and {features[1]}."]
     pool = list(FILLER)
@@ -256,7 +298,8 @@ def sample_pairs(
     cross_sell_rate: float = 0.5,
     writer: str = "catalogue",
 ) -> list[dict]:
-    """Graded (query, product document) pairs: rows {"id", "query", "doc", "label", "reason", "split"}.
+    """Graded (query, product document) pairs: rows {"id", "query", "doc", "label", "reason", "split"},
+    and on the catalogue writer's rows "tags" (title_tags: what each title word says of the match).
 
     Every query gets `docs_per_query` documents spread over the grades (about two of each of 4, 3
     and 2, and one or two each of 1 and 0); `split` is "heldout" for a `heldout_fraction` share of
@@ -308,14 +351,17 @@ def sample_pairs(
             text = writers[writer](text_rng, doc, text_rng.randint(*doc_words))
             if sell_rng.random() < cross_sell_rate:
                 text += " " + cross_sell(sell_rng, target, named, doc, label)
-            rows.append({
+            row = {
                 "id": f"q{q:04d}-d{d}",
                 "query": query,
                 "doc": text,
                 "label": label,
                 "reason": reason,
                 "split": "heldout" if q in heldout else "train",
-            })
+            }
+            if writer == "catalogue":
+                row["tags"] = title_tags(target, named, doc)
+            rows.append(row)
         q += 1
     return rows
 

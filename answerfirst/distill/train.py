@@ -73,7 +73,9 @@ __all__ = [  # what distill/pipeline.py and rl.py build on: keep these signature
 class TrainConfig:
     """Every knob of a training run; printed at start, saved as training_config.json and in the manifest.
 
-    alpha, beta, gamma, temperature: loss weights (see objectives.py); gamma needs gold labels.
+    alpha, beta, gamma, temperature, delta: loss weights (see objectives.py); gamma needs gold labels,
+    delta rows with "tags" ([[start, end, tag], ...] character spans of the document).
+    tag_layer: the hidden state (after this many decoder layers) the tag term's probe reads.
     lr, weight_decay, warmup_ratio, schedule ("cosine" | "linear" | "constant"), max_grad_norm.
     epochs, max_steps (0 = epochs decide), batch_size (per process), grad_accum (micro-batches per step).
     max_doc_tokens (None = the format's), max_trace_tokens: sequence limits.
@@ -93,6 +95,8 @@ class TrainConfig:
     beta: float = 1.0
     gamma: float = 0.0
     temperature: float = 1.0
+    delta: float = 0.0
+    tag_layer: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -117,7 +121,7 @@ class TrainConfig:
         def fail(name: str, what: str) -> None:
             raise ValueError(f"TrainConfig.{name}: {what}, got {getattr(self, name)!r}")
 
-        self.loss_weights  # validates alpha, beta, gamma, temperature  # noqa: B018
+        self.loss_weights  # validates alpha, beta, gamma, temperature, delta  # noqa: B018
         if not self.lr > 0:
             fail("lr", "must be > 0 (e.g. 5e-4 for a tiny model, 2e-5 for 0.6B)")
         if self.weight_decay < 0:
@@ -133,7 +137,7 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0 (0 = off / decided by epochs)")
-        for name in ("batch_size", "grad_accum", "max_trace_tokens", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "max_trace_tokens", "log_every", "keep_checkpoints", "tag_layer"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
@@ -146,7 +150,7 @@ class TrainConfig:
     @property
     def loss_weights(self) -> LossWeights:
         try:
-            return LossWeights(self.alpha, self.beta, self.gamma, self.temperature)
+            return LossWeights(self.alpha, self.beta, self.gamma, self.temperature, self.delta)
         except ValueError as e:
             raise ValueError(f"TrainConfig.{e}") from None
 
@@ -244,10 +248,12 @@ class DistillExample:
 
 
 def build_examples(
-    prompts: PromptTokenizer, rows: Sequence[dict[str, Any]], max_trace_tokens: int = DEFAULT_MAX_TRACE_TOKENS
+    prompts: PromptTokenizer, rows: Sequence[dict[str, Any]], max_trace_tokens: int = DEFAULT_MAX_TRACE_TOKENS,
+    tags: bool = False,
 ) -> list[DistillExample]:
     """Rows -> examples, every sequence built by afrl.PromptTokenizer. The answer starts with the
-    teacher's argmax grade (distillation) or the gold grade (SFT) and continues with its trace."""
+    teacher's argmax grade (distillation) or the gold grade (SFT) and continues with its trace.
+    tags: also place each row's document "tags" on its tokens (for the tag term)."""
     k = len(prompts.grade_ids)
     examples = []
     for row in rows:
@@ -266,7 +272,8 @@ def build_examples(
             grade, teacher_probs = gold, None
         trace = row.get("trace", row.get("reason", "")) or ""
         try:
-            example = prompts.training_example(row["query"], row["doc"], grade, str(trace), max_trace_tokens)
+            doc_tags = row.get("tags") if tags else None
+            example = prompts.training_example(row["query"], row["doc"], grade, str(trace), max_trace_tokens, doc_tags)
         except FormatError as e:
             raise ValueError(f"{where}: {e}") from None
         examples.append(DistillExample(example, teacher_probs, gold, row["query"], str(row["id"])))
@@ -288,7 +295,8 @@ def collate(examples: Sequence[DistillExample], pad_id: int) -> dict[str, torch.
     input_ids (B, T); grade_pos (B,) the last prompt position; window_pos (B, A) positions
     grade_pos+1 .. grade_pos+A (the grade token onwards: position t predicts token t+1), clamped
     into the row; labels (B, A) the tokens at window_pos, -100 where unlabelled or past the row's end;
-    teacher_probs (B, K) or None; gold (B,).
+    teacher_probs (B, K) or None; gold (B,); tags (B, T) token tags (-100 = none), or None when no
+    example of the batch carries any.
     """
     if not examples:
         raise ValueError("collate: empty batch")
@@ -309,6 +317,12 @@ def collate(examples: Sequence[DistillExample], pad_id: int) -> dict[str, torch.
     if any(has_teacher) and not all(has_teacher):
         raise ValueError("collate: a batch mixes rows with and without teacher_probs")
     teacher = torch.tensor([e.teacher_probs for e in examples], dtype=torch.float32) if all(has_teacher) else None
+    tags = None
+    if any(e.example.tags is not None for e in examples):
+        tags = torch.full((len(seqs), max_len), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(examples):
+            if e.example.tags is not None:
+                tags[row, : len(e.example.tags)] = torch.tensor(e.example.tags, dtype=torch.long)
     return {
         "input_ids": input_ids,
         "grade_pos": torch.tensor([e.example.grade_pos for e in examples], dtype=torch.long),
@@ -316,6 +330,7 @@ def collate(examples: Sequence[DistillExample], pad_id: int) -> dict[str, torch.
         "labels": labels,
         "teacher_probs": teacher,
         "gold": torch.tensor([e.gold for e in examples], dtype=torch.long),
+        "tags": tags,
     }
 
 
@@ -334,17 +349,26 @@ class StudentHead(torch.nn.Module):
     the largest tensor of the step; here they exist only on the answer window.
 
     Wrapping the LM in a module (rather than calling its parts from the loop) keeps DDP's gradient
-    hooks on the path when accelerate wraps this module."""
+    hooks on the path when accelerate wraps this module.
 
-    def __init__(self, model: Any, grade_ids: Sequence[int]):
+    tag_classes > 0 adds the tag term's probe: a linear layer on the hidden state after `tag_layer`
+    decoder layers, giving (B, T, tag_classes) logits. It is training-only: the saved model is `model`."""
+
+    def __init__(self, model: Any, grade_ids: Sequence[int], tag_classes: int = 0, tag_layer: int = 1):
         super().__init__()
         self.model = model
         self.register_buffer("grade_ids", torch.tensor(list(grade_ids), dtype=torch.long), persistent=False)
+        self.tag_layer = tag_layer
+        self.tag_probe = torch.nn.Linear(model.config.hidden_size, tag_classes) if tag_classes else None
 
     def forward(
         self, input_ids: torch.Tensor, grade_pos: torch.Tensor, window_pos: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(grade_logits (B, K), logits (B, A, V) on the answer window, tag_logits (B, T, C) or None)."""
+        probe = self.tag_probe is not None
+        outputs = self.model.model(input_ids=input_ids, use_cache=False, output_hidden_states=probe)
+        hidden = outputs.last_hidden_state  # (B, T, H)
+        tag_logits = self.tag_probe(outputs.hidden_states[self.tag_layer]) if probe else None  # (B, T, C)
         head = self.model.get_output_embeddings()
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         grade_hidden = hidden[rows, grade_pos]  # (B, H) the last prompt position
@@ -353,21 +377,22 @@ class StudentHead(torch.nn.Module):
             grade_logits = grade_logits + head.bias[self.grade_ids]
         window_hidden = hidden.gather(1, window_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, A, H)
         logits = head(window_hidden)  # (B, A, V) only on the answer window
-        return grade_logits, logits
+        return grade_logits, logits, tag_logits
 
 
 def student_forward(head: torch.nn.Module, batch: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """(grade_logits (B, K), logits (B, A, V)) for a collated batch; `objectives.trace_ce(logits,
     batch["labels"])` is the trace CE (window position a predicts labels[:, a + 1])."""
-    return head(batch["input_ids"], batch["grade_pos"], batch["window_pos"])
+    grade_logits, logits, _ = head(batch["input_ids"], batch["grade_pos"], batch["window_pos"])
+    return grade_logits, logits
 
 
 def batch_loss(
     head: torch.nn.Module, batch: dict[str, torch.Tensor | None], weights: LossWeights
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    grade_logits, logits = student_forward(head, batch)
+    grade_logits, logits, tag_logits = head(batch["input_ids"], batch["grade_pos"], batch["window_pos"])
     teacher = batch["teacher_probs"]
-    return distill_loss(grade_logits, logits, batch["labels"], teacher, batch["gold"], weights)
+    return distill_loss(grade_logits, logits, batch["labels"], teacher, batch["gold"], weights, tag_logits, batch["tags"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,7 +413,7 @@ def predict_grade_logits(
         idx = order[start : start + batch_size]
         batch = batches_to_device(collate([examples[i] for i in idx], pad_id), device)
         # Only the grade rows are needed: an empty window skips the full-vocabulary head.
-        grade_logits, _ = head(batch["input_ids"], batch["grade_pos"], batch["window_pos"][:, :0])
+        grade_logits = head(batch["input_ids"], batch["grade_pos"], batch["window_pos"][:, :0])[0]
         out[idx] = grade_logits.float().cpu().numpy()
     head.train(was_training)
     return out
@@ -632,10 +657,21 @@ def _prepare(student: str | Path, data: str | Path, config: TrainConfig, acceler
 
     rows = load_rows(data)
     train_rows, heldout_rows = split_rows(rows, config.eval_fraction, config.seed)
-    train_examples = build_examples(prompts, train_rows, config.max_trace_tokens)
+    tagged = config.delta > 0
+    train_examples = build_examples(prompts, train_rows, config.max_trace_tokens, tags=tagged)
     eval_examples = build_examples(prompts, heldout_rows, config.max_trace_tokens)
     if config.gamma > 0 and all(e.gold == IGNORE_INDEX for e in train_examples):
         raise ValueError("TrainConfig.gamma > 0 needs gold labels, but no training row has a 'label'; set gamma=0")
+    tag_classes = 0
+    if tagged:
+        tag_values = [t for e in train_examples for t in e.example.tags or () if t != IGNORE_INDEX]
+        if not tag_values:
+            raise ValueError("TrainConfig.delta > 0 needs rows with document 'tags' ([[start, end, tag], ...]), "
+                             "but no training token is tagged; set delta=0")
+        tag_classes = max(tag_values) + 1
+        if config.tag_layer > model.config.num_hidden_layers:
+            raise ValueError(f"TrainConfig.tag_layer: the model has {model.config.num_hidden_layers} decoder layers, "
+                             f"got {config.tag_layer}")
 
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(train_examples) / config.batch_size)
@@ -647,7 +683,7 @@ def _prepare(student: str | Path, data: str | Path, config: TrainConfig, acceler
         )
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
 
-    head = StudentHead(model, prompts.grade_ids)
+    head = StudentHead(model, prompts.grade_ids, tag_classes, config.tag_layer)
     decay = [p for n, p in head.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in head.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(

@@ -513,7 +513,9 @@ def _student_format(model_dir: Path) -> tuple[AFRLFormat, tuple[int, ...], Manif
 
 def _open_out_dir(out_dir: Path, source: dict[str, str], fmt: AFRLFormat, force: bool) -> Manifest | None:
     """The previous manifest of an export of the same checkpoint and format (to resume), else None.
-    Refuses to overwrite an export of another checkpoint, or unrelated files, unless force."""
+    A GGUF export of other weights or another format is replaced (exports are derived from their
+    checkpoint, as the ONNX export does: `make distill export` reruns after the student changed).
+    Refuses to overwrite anything else (another kind of artifact, unrelated files) unless force."""
     if not out_dir.exists():
         out_dir.mkdir(parents=True)
         return None
@@ -524,17 +526,18 @@ def _open_out_dir(out_dir: Path, source: dict[str, str], fmt: AFRLFormat, force:
             previous = Manifest.from_dict(json.loads((out_dir / "answerfirst.json").read_text()), str(out_dir))
         except (ManifestError, json.JSONDecodeError):
             previous = None
-        same = previous is not None and previous.kind == "gguf" and previous.source.get("sha256") == source["sha256"]
-        if same and previous.format == fmt:
-            return None if force else previous
-        if same:  # same weights, another rubric/grades: the files' embedded format is stale, rewrite them
+        if previous is None or previous.kind != "gguf":
+            if not force:
+                raise GGUFExportError(
+                    f"--out {out_dir} holds another kind of artifact (or an unreadable answerfirst.json); "
+                    "choose another --out or pass --force to overwrite it"
+                )
+        elif previous.source.get("sha256") != source["sha256"]:
+            logger.info("gguf: %s holds the export of other weights (%s); replacing it", out_dir, previous.source.get("model"))
+        elif previous.format != fmt:  # same weights, another rubric/grades: the files' embedded format is stale
             logger.info("gguf: %s was exported with another AFRL format; rewriting it", out_dir)
-            force = True
-        if not force:
-            raise GGUFExportError(
-                f"--out {out_dir} holds an export of another checkpoint (or an unreadable answerfirst.json); "
-                "choose another --out or pass --force to overwrite it"
-            )
+        else:
+            return None if force else previous
     elif any(out_dir.iterdir()) and not force:
         raise GGUFExportError(f"--out {out_dir} is not empty and has no answerfirst.json; choose an empty directory or --force")
     for stale in out_dir.glob("*.gguf*"):
