@@ -101,7 +101,7 @@ def test_sample_pairs_is_deterministic_graded_and_split_by_query():
 def test_the_prose_writer_gives_the_same_pairs_in_other_words():
     catalogue = sample_pairs(seed=5, n_queries=30, docs_per_query=8)
     prose = sample_pairs(seed=5, n_queries=30, docs_per_query=8, writer="prose")
-    strip = lambda r: {k: v for k, v in r.items() if k != "doc"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("doc", "tags")}  # noqa: E731
     assert [strip(r) for r in prose] == [strip(r) for r in catalogue]
     # another template: no catalogue title "<brand> <type> in <colour>, <material>, <size>." appears
     assert all(a["doc"] != b["doc"] for a, b in zip(catalogue, prose, strict=True))
@@ -660,16 +660,19 @@ def test_default_run_learns_to_rank_and_the_student_inherits_it(default_run):
     heldout = summary["evaluation"]["heldout"]
     teacher, student, baseline = heldout["teacher"], heldout["student"], heldout["majority"]
     assert teacher["queries"] == 30 and teacher["pairs"] == 240
-    # the teacher has judgement: not one grade for everything, and a ranking well above the constant one
+    # the teacher has judgement: every grade in use, a ranking far above the constant one, and above
+    # BM25, which counts the query's words (the cross-selling lines mislead it) where the teacher
+    # compares the title's attributes (measured at this size: 0.986 against BM25's 0.943)
     confusion = np.asarray(teacher["confusion_gold"])
-    assert confusion.sum() == 240 and (confusion.sum(axis=0) > 0).sum() >= 3, confusion
-    assert teacher["ndcg10_gold"] > baseline["ndcg10_gold"] + 0.15, (teacher, baseline)
-    assert student["ndcg10_gold"] > baseline["ndcg10_gold"] + 0.15, (student, baseline)
-    # the student agrees with it more than chance (two independent guessers with these marginals)
+    assert confusion.sum() == 240 and (confusion.sum(axis=0) > 0).all(), confusion
+    assert teacher["ndcg10_gold"] > baseline["ndcg10_gold"] + 0.3, (teacher, baseline)
+    assert teacher["ndcg10_gold"] > heldout["bm25"]["ndcg10_gold"], (teacher, heldout["bm25"])
+    assert student["ndcg10_gold"] > baseline["ndcg10_gold"] + 0.3, (student, baseline)
+    # the student agrees with it far more than chance (two independent guessers with these marginals)
     teacher_marginal = confusion.sum(axis=0) / confusion.sum()
     student_marginal = np.asarray(student["confusion_gold"]).sum(axis=0) / confusion.sum()
-    assert student["agreement_teacher"] > float(teacher_marginal @ student_marginal) + 0.2, student
-    assert student["spearman_teacher"] > 0.5
+    assert student["agreement_teacher"] > float(teacher_marginal @ student_marginal) + 0.3, student
+    assert student["spearman_teacher"] > 0.8
     # the prose writer's held-out set and the BM25 baseline are measured beside them
     assert set(summary["evaluation"]["heldout_prose"]) == {"teacher", "student", "bm25", "majority"}
     assert 0 < heldout["bm25"]["ndcg10_gold"] <= 1

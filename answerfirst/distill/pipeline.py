@@ -475,6 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-queries", type=int, default=DefaultRunConfig.n_queries, help="sample size (queries)")
     parser.add_argument("--teacher-steps", type=int, default=None, help=f"default {DefaultRunConfig().teacher.max_steps}")
     parser.add_argument("--student-steps", type=int, default=None, help=f"default {DefaultRunConfig().student.max_steps}")
+    parser.add_argument("--teacher-delta", type=float, default=None,
+                        help=f"weight of the sample teacher's title token-tag term (default {DefaultRunConfig().teacher.delta}; "
+                             "0 trains it on grades and reasons alone)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -483,6 +486,8 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, teacher=replace(config.teacher, max_steps=args.teacher_steps))
     if args.student_steps is not None:
         config = replace(config, student=replace(config.student, max_steps=args.student_steps))
+    if args.teacher_delta is not None:
+        config = replace(config, teacher=replace(config.teacher, delta=args.teacher_delta))
     print("answerfirst distill-default — teacher config:\n" + config.teacher.describe(), flush=True)
     print("student config:\n" + config.student.describe(), flush=True)
     started = time.perf_counter()
