@@ -281,8 +281,13 @@ def test_the_tag_term_trains_a_probe_that_is_not_saved(tiny_model_dir, tmp_path)
     after = _params(tmp_path / "tagged")
     assert set(after) == set(before)  # the probe is training-only: the saved model has the LM's tensors alone
     assert not [name for name in before if torch.equal(before[name], after[name])]
-    # Without tags in the rows, or with a layer the model lacks, the run says so before it starts.
-    untagged = _write_jsonl(tmp_path / "untagged.jsonl", [{k: v for k, v in r.items() if k != "tags"} for r in rows])
+    # Rows without tags train beside tagged ones (their batches add 0 to the tag term) ...
+    untagged = [{k: v for k, v in r.items() if k != "tags"} for r in rows]
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", [{k: v for k, v in r.items() if k != "teacher_probs"} for r in rows[:1] + untagged[1:]])
+    mixed_terms = [r["tag_ce"] for r in train(tiny_model_dir, mixed, tmp_path / "mixed", config).history if r["split"] == "train"]
+    assert len(mixed_terms) == 6 and mixed_terms.count(0.0) >= 4, mixed_terms
+    # ... but without any, or with a layer the model lacks, the run says so before it starts.
+    untagged = _write_jsonl(tmp_path / "untagged.jsonl", untagged)
     with pytest.raises(ValueError, match="delta > 0 needs rows with document 'tags'"):
         train(tiny_model_dir, untagged, tmp_path / "x", config)
     with pytest.raises(ValueError, match="tag_layer"):

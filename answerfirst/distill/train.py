@@ -391,8 +391,10 @@ def batch_loss(
     head: torch.nn.Module, batch: dict[str, torch.Tensor | None], weights: LossWeights
 ) -> tuple[torch.Tensor, dict[str, float]]:
     grade_logits, logits, tag_logits = head(batch["input_ids"], batch["grade_pos"], batch["window_pos"])
-    teacher = batch["teacher_probs"]
-    return distill_loss(grade_logits, logits, batch["labels"], teacher, batch["gold"], weights, tag_logits, batch["tags"])
+    teacher, tags = batch["teacher_probs"], batch["tags"]
+    if tags is None and tag_logits is not None:  # a batch of untagged rows: the tag term is 0 for it
+        tags = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    return distill_loss(grade_logits, logits, batch["labels"], teacher, batch["gold"], weights, tag_logits, tags)
 
 
 # ------------------------------------------------------------------------------------------------
