@@ -265,6 +265,19 @@ def test_rank_variant_scores_through_the_rank_head_like_the_logits_path(gguf_exp
     assert list(rank.explain(QUERY, DOCS[0], max_new_tokens=4)) == list(logits.explain(QUERY, DOCS[0], max_new_tokens=4))
 
 
+def test_sequences_are_capped_and_a_pass_of_more_documents_is_split_exactly(gguf_export):
+    """MAX_SEQUENCES bounds llama.cpp's per-sequence output buffer (n_vocab floats each); a pass of
+    more documents than that is split into several decodes, each document scored as if alone."""
+    from answerfirst.runtime._llamacpp import MAX_SEQUENCES
+
+    scorer = answerfirst.load(gguf_export, variant="f32", threads=1, config=F32_KV)
+    assert scorer.backend.n_seq == MAX_SEQUENCES == 64
+    docs = [f"{DOCS[i % len(DOCS)]} Item {i}." for i in range(MAX_SEQUENCES + 6)]
+    together = as_array(scorer.score(QUERY, docs))
+    alone = np.concatenate([as_array(scorer.score(QUERY, [doc])) for doc in docs[:: 9] + docs[-2:]])
+    np.testing.assert_allclose(together[list(range(0, len(docs), 9)) + [len(docs) - 2, len(docs) - 1]], alone, atol=1e-5)
+
+
 def test_prefix_reuse_equals_no_reuse_and_runs_the_prefix_once(gguf_export):
     reuse = answerfirst.load(gguf_export, variant="f32", threads=1, config=replace(F32_KV, batch_size=2))
     no_reuse = answerfirst.load(

@@ -60,6 +60,12 @@ FORMAT_KEY = "answerfirst.format"
 GRADE_IDS_KEY = "answerfirst.grade_token_ids"
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
 RANK_SUFFIX = "-rank"  # a GGUF export's variant "<quant>-rank" scores its file through the rank head
+# Sequences per context. llama.cpp keeps an output row of n_vocab floats per sequence: 148 MiB at 256
+# sequences for Qwen3's 151,936-token vocabulary, 37 MiB at 64. The n_ctx cells of a decode (1024 by
+# default) hold the prefix and every document, so 63 documents in one decode already average under
+# 16 tokens each; more sequences buy nothing but that buffer (Qwen3-0.6B Q4_K_M: peak RSS 867 -> 748
+# MiB scoring 8 documents of 64-192 tokens).
+MAX_SEQUENCES = 64
 
 
 class GGUFError(ValueError):
@@ -314,7 +320,7 @@ class LlamaCppBackend:
         # most n_seq - 1 documents (and n_ctx cells), so a pass may hold more documents than that.
         # llama.cpp reserves an output row per sequence and aborts (GGML_ASSERT n_outputs_max) when
         # n_seq_max exceeds the n_batch rows a decode can output.
-        most = min(llama_cpp.llama_max_parallel_sequences(), config.n_batch)
+        most = min(llama_cpp.llama_max_parallel_sequences(), config.n_batch, MAX_SEQUENCES)
         self.n_seq = int(most if config.batch_size is None else min(config.batch_size + 1, most))
         self.n_batch = config.n_batch
         # More cells than the model was trained for buys nothing (positions past it are out of distribution).
