@@ -103,17 +103,35 @@ def test_onnx_scores_do_not_depend_on_the_budget(tiny_onnx_export):
         np.testing.assert_allclose(as_array(scorer.score(QUERY, VARIED_DOCS)), expected, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf_f32(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from pairs import PAIRS
+
+    from answerfirst.export.gguf import export_gguf
+
+    out = tmp_path_factory.mktemp("tiny-gguf-f32") / "export"
+    export_gguf(tiny_checkpoint, out, ("f32",), probe_pairs=PAIRS, threads=1)
+    return out
+
+
 @pytest.mark.slow
-def test_gguf_scores_do_not_depend_on_the_budget(tiny_gguf_export):
+def test_gguf_scores_do_not_depend_on_the_budget(tiny_gguf_export, tiny_gguf_f32):
     exact = ScorerConfig(kv_cache_type="f32", flash_attn=False, n_ctx=2048)
     base = answerfirst.load(tiny_gguf_export, threads=1, config=exact)
     assert base.config.batch_tokens == CPU_BATCH_TOKENS
     expected = as_array(base.score(QUERY, VARIED_DOCS))
-    many = [f"{doc} #{i}" for i in range(30) for doc in DOCS]  # 150 documents: more than one decode of sequences
-    wide = answerfirst.load(tiny_gguf_export, threads=1, config=replace(exact, batch_tokens=10**6))
-    assert len(wide.plan(QUERY, many).passes) == 1
-    one_by_one = answerfirst.load(tiny_gguf_export, threads=1, config=replace(exact, batch_size=1))
-    np.testing.assert_allclose(as_array(wide.score(QUERY, many)), as_array(one_by_one.score(QUERY, many)), atol=1e-5)
+    many = [f"{doc} #{i}" for i in range(30) for doc in DOCS]  # 150 documents: three decodes of 63 sequences at most
+    # F32 weights: one pass of 150 documents equals 150 passes of one, to float rounding. Q8_0 quantizes
+    # every matmul's activations to int8 blocks, so the last-bit difference of another KV cell layout
+    # can flip one rounding and move a probability by ~1e-3 (1.4e-3 for one of the 150 documents on
+    # this tiny model, whose wide init makes it sensitive; the F32 file of the same weights agrees
+    # to 1e-7), and a tighter bound would test the layout of llama.cpp's cache, not our batching.
+    for export, atol in ((tiny_gguf_f32, 1e-5), (tiny_gguf_export, 1e-2)):
+        wide = answerfirst.load(export, threads=1, config=replace(exact, batch_tokens=10**6))
+        assert len(wide.plan(QUERY, many).passes) == 1
+        one_by_one = answerfirst.load(export, threads=1, config=replace(exact, batch_size=1))
+        np.testing.assert_allclose(as_array(wide.score(QUERY, many)), as_array(one_by_one.score(QUERY, many)), atol=atol)
     for config in BUDGETS:
         scorer = answerfirst.load(tiny_gguf_export, threads=1, config=replace(exact, batch_tokens=config.batch_tokens,
                                                                                batch_size=config.batch_size))
