@@ -531,8 +531,8 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
 def _measure_rates(config, shape, workload, when: str) -> dict[str, Any]:
     """This machine's matmul throughput at the model's shapes, rows = one batch of continuations
     (`when` labels the measurement in the results): fp32, bf16 (the torch-bf16 contender's floor), and
-    int8 as the faster of torch._int_mm and onnxruntime's MatMulInteger (on an AMX Xeon onnxruntime's int8 GEMM outran torch's, so torch's alone would set a floor our
-    own kernels pass)."""
+    int8 as the faster of torch._int_mm and onnxruntime's MatMulInteger (on an AMX Xeon onnxruntime's
+    int8 GEMM outran torch's, so torch's alone would set a floor our own kernels pass)."""
     from answerfirst.bench.flops import onnxruntime_int8_throughput
 
     rows = min(config.batch_size, len(workload.docs)) * int(np.mean(workload.continuation_lens))

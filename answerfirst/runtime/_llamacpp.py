@@ -63,8 +63,8 @@ RANK_SUFFIX = "-rank"  # a GGUF export's variant "<quant>-rank" scores its file 
 # Sequences per context. llama.cpp keeps an output row of n_vocab floats per sequence: 148 MiB at 256
 # sequences for Qwen3's 151,936-token vocabulary, 37 MiB at 64. The n_ctx cells of a decode (1024 by
 # default) hold the prefix and every document, so 63 documents in one decode already average under
-# 16 tokens each; more sequences buy nothing but that buffer (Qwen3-0.6B Q4_K_M: peak RSS 867 -> 748
-# MiB scoring 8 documents of 64-192 tokens).
+# 16 tokens each; more sequences buy nothing but that buffer (Qwen3-0.6B Q4_K_M in `make bench`:
+# peak RSS 857 -> 742 MiB).
 MAX_SEQUENCES = 64
 
 

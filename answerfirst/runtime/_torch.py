@@ -290,8 +290,8 @@ def compute_dtype(device: str, precision: str | None) -> Any:
     """The dtype a torch checkpoint computes in. None: bf16 on a GPU, fp32 on a CPU (the reference
     every export's parity is measured against). "auto": bf16 where the device computes it fast (a CUDA
     GPU; a CPU with AMX bf16 tiles or AVX512_BF16, runtime/_cpu.py), fp32 elsewhere: on the 2-core
-    AMX Xeon of bench/results, bf16 scored W in 6.4 s where fp32 took 22.8 s and ONNX int8 9.8 s,
-    while an AVX2-only CPU emulates bf16 7x slower than fp32. "fp32" / "bf16": as named."""
+    AMX Xeon of bench/results, bf16 scored W in 6.3-6.4 s where fp32 took 22.8-23.4 s and ONNX int8
+    9.8-10.1 s (two runs), while an AVX2-only CPU emulates bf16 7x slower than fp32. "fp32" / "bf16": as named."""
     import torch
 
     from answerfirst.runtime._cpu import features
