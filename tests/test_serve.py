@@ -130,21 +130,93 @@ def test_haystack_tei_ranker_gets_the_library_order_and_scores(tiny_scorer, monk
 # -- batching --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx-int8", "gguf-q8_0"])
+@pytest.mark.parametrize("backend", ["torch", "onnx-int8", "onnx-int8-concurrent", "gguf-q8_0"])
 def test_concurrent_requests_get_exactly_the_single_request_scores(backend, request):
     """8 clients x 6 mixed requests, passes of 3 documents: every reply equals Scorer.score() on its
-    own input, computed one at a time beforehand, to the last bit, on every backend."""
-    scorer = load_backend(backend, request, batch_size=3)
+    own input, computed one at a time beforehand, to the last bit, on every backend; on ONNX also
+    with passes of different queries run side by side (on 1-thread sessions, where the scorer that
+    computed the expected scores runs on 2 threads)."""
+    concurrent = backend.endswith("-concurrent")
+    scorer = load_backend(backend.removesuffix("-concurrent"), request, batch_size=3)
+    if concurrent:
+        scorer = answerfirst.load(request.getfixturevalue("tiny_onnx_export"), variant="int8", threads=2, config=scorer.config)
     requests = mixed_requests(48, seed=1)
     expected = [scorer.score(query, docs) for query, docs in requests]
-    with serve_in_thread(scorer, batch_window_ms=20) as service:
+    with serve_in_thread(scorer, batch_window_ms=20, concurrent_passes=2 if concurrent else 1) as service:
         responses = asyncio.run(post_all(service.url, requests, concurrency=8))
         shared = metric(service, "answerfirst_shared_passes_total")
         passes = metric(service, "answerfirst_batch_size_count")
+        side_by_side = metric(service, "answerfirst_concurrent_rounds_total")
+        lane_threads = service.lane_scorer.threads if concurrent else None
     for response, scores in zip(responses, expected, strict=True):
         assert response.status_code == 200, response.text
         assert_same_as_library(response.json(), scores)
     assert passes + shared == sum(len(scorer.plan(q, d).passes) for q, d in requests)  # each ran once, or was shared
+    assert (side_by_side > 0) == concurrent  # the lanes ran rounds, or there are none
+    assert lane_threads == (1 if concurrent else None)
+
+
+def test_passes_of_different_queries_run_side_by_side(tiny_onnx_export):
+    """With two concurrent passes, a round holding three queries keeps two passes in flight at once on
+    the 1-thread copy; a round of one query runs on the full scorer, one pass at a time."""
+    scorer = answerfirst.load(tiny_onnx_export, variant="int8", threads=2)
+    queries = ("wireless headphones", "red running shoes", "stainless steel water bottle 1l")
+    expected = [scorer.score(q, DOCS) for q in queries]
+    full = Gate(scorer)
+    with serve_in_thread(scorer, batch_window_ms=0, concurrent_passes=2) as service:
+        assert service.wait_loaded(WAIT_S)
+        lanes = Gate(service.lane_scorer)
+        in_flight = 0
+        most = 0
+        counting = threading.Lock()
+        gated = lanes._gated
+
+        def counted(prefix_ids, continuations):
+            nonlocal in_flight, most
+            with counting:
+                in_flight += 1
+                most = max(most, in_flight)
+            try:
+                return gated(prefix_ids, continuations)
+            finally:
+                with counting:
+                    in_flight -= 1
+
+        service.lane_scorer.backend.grade_logits = counted
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=service.url, timeout=WAIT_S) as client:
+                post = lambda q: asyncio.ensure_future(client.post("/v1/rerank", json={"query": q, "documents": DOCS}))  # noqa: E731
+                first = post(queries[0])
+                await asyncio.to_thread(full.entered.wait, WAIT_S)  # a round of one query: on the full scorer
+                rest = [post(q) for q in queries]
+                await asyncio.to_thread(wait_until, lambda: service.batcher.in_flight() == 4, "all four are admitted")
+                full.open.set()
+                await asyncio.to_thread(wait_until, lambda: in_flight == 2, "two passes are in flight on the lanes")
+                lanes.open.set()
+                return [await first, *(await asyncio.gather(*rest))]
+
+        responses = asyncio.run(scenario())
+    for response, scores in zip(responses, [expected[0], *expected], strict=True):
+        assert_same_as_library(response.json(), scores)
+    assert full.passes == [len(DOCS)] and len(lanes.passes) == 3 and most == 2
+
+
+def test_concurrent_passes_on_a_backend_without_them_is_a_load_error(tiny_checkpoint):
+    """Asked for on torch (one thread count per process), concurrent passes stop the load with a line
+    that says why; left unset, torch serves one pass at a time."""
+    from answerfirst.serve.app import ServeConfig, Service
+
+    scorer = answerfirst.load(tiny_checkpoint)
+    assert scorer.concurrent(2) is None
+    service = Service(ServeConfig(model="tiny", concurrent_passes=2), lambda: scorer, owns_scorer=False)
+    service.start_loading()
+    assert not service.wait_loaded(WAIT_S)
+    assert "concurrent_passes=2: the torch backend runs one pass at a time" in str(service.load_error)
+    default = Service(ServeConfig(model="tiny"), lambda: scorer, owns_scorer=False)
+    default.start_loading()
+    assert default.wait_loaded(WAIT_S) and default.concurrent_passes == 1
+    default.close()
 
 
 def test_requests_in_flight_together_share_prefixes_and_identical_passes(tiny_checkpoint):
@@ -433,6 +505,7 @@ def test_serve_config_errors_name_the_field():
         ({"batch_window_ms": -1}, "batch_window_ms: must be within 0..1000 ms"),
         ({"port": 70000}, "port: must be within 0..65535"),
         ({"api_key": " "}, "api_key: is empty"),
+        ({"concurrent_passes": 0}, "concurrent_passes: must be a positive integer"),
     ]:
         with pytest.raises(ValueError, match=message):
             ServeConfig(model="m", **kwargs)

@@ -22,8 +22,9 @@ pytest.importorskip("onnxruntime")
 
 CLIENTS, PER_CLIENT = 32, 10
 BATCH = 4  # documents per pass: most requests take several
-# ONNX int8 is the backend whose scores depend most on what shares a pass (see test_serve.py)
-SERVER_ARGS = ("--variant", "int8", "--threads", "1", "--max-batch", str(BATCH), "--max-queue", "64")
+# ONNX int8 is the backend whose scores depend most on what shares a pass (see test_serve.py); two
+# concurrent passes, so the lanes run under the load and the drain too
+SERVER_ARGS = ("--variant", "int8", "--threads", "1", "--concurrent-passes", "2", "--max-batch", str(BATCH), "--max-queue", "64")
 
 
 @dataclass

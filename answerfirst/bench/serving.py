@@ -221,7 +221,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Server: `{server['id']}` on {server.get('backend', '?')}"
         + (f" ({server['variant']})" if server.get("variant") else "")
-        + f", max batch {server.get('max_batch', '?')} · requests: {config['docs']} documents of "
+        + f", max batch {server.get('max_batch', '?')}, {server.get('concurrent_passes', 1)} concurrent pass(es)"
+        + f" · requests: {config['docs']} documents of "
         f"{config['doc_words'][0]}–{config['doc_words'][1]} words, a new query each, the same {config['requests']} at every level, {config.get('rounds', 1)} run(s) of each in alternating order",
         f"Machine: {machine['nproc']} cores, {machine['cpu_model']} ({', '.join(machine['cpu_flags']) or 'no AVX-512/AMX'}) · "
         f"load average before/after: {machine['loadavg_before'][0]:.2f} / {machine['loadavg_after'][0]:.2f}",

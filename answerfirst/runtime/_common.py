@@ -45,6 +45,11 @@ class ScorerConfig:
         a process down: a 200,000-character query (~32k tokens) grew an ONNX scorer past 24 GB.
         256 tokens hold any search query; raise it for long questions (the prompt must still fit
         the model's context, which every backend checks too).
+    fused_kernels: the torch backend's RMSNorm, rotary and SiLU-gate chains as kernels compiled by
+        torch.compile (runtime/_torch.py: FusedKernels; needs a C++ compiler, compiled code cached on
+        disk). None (default): on for bf16 on a CPU, where W scored ~25% faster, and off where
+        inductor cannot compile (a warning says why); True: on (fp32 too; an error where they cannot
+        run); False: transformers' eager modules, step for step.
     n_ctx, n_batch, flash_attn, kv_cache_type: llama.cpp context settings ("f32" KV for parity).
         n_ctx is the KV cell pool of ALL documents in flight, so it bounds memory, not the batch:
         documents that do not fit together run in more llama_decode groups, and attention spans
@@ -60,6 +65,7 @@ class ScorerConfig:
     reuse_prefix: bool = True
     max_doc_tokens: int | None = None
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    fused_kernels: bool | None = None
     n_ctx: int = 1024
     n_batch: int = 256
     flash_attn: bool = True
@@ -106,6 +112,12 @@ class Backend(Protocol):
     def forget_prefixes(self) -> None:
         """Drop every stored prefix state: the next query computes its prefix as a new one would
         (the benchmark times each query so, since an application rarely repeats one)."""
+
+    def concurrent_copy(self, threads: int) -> Backend | None:
+        """A second adapter over the same artifact, on `threads` threads, whose grade_logits calls
+        may run at the same time as each other's (from several threads) and give this adapter's
+        logits bit for bit; None where the backend runs one pass at a time. It holds its own copy
+        of the weights. (`answerfirst serve` runs concurrent passes on it: serve/batcher.py.)"""
 
 
 class PrefixCache:

@@ -13,6 +13,7 @@ reads as absent, which selects the portable kernels.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,4 +69,9 @@ def features() -> CpuFeatures:
     return CpuFeatures(model, frozenset(f for f in ISA_FLAGS if f in flags))
 
 
-__all__ = ["ISA_FLAGS", "CpuFeatures", "features"]
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+__all__ = ["ISA_FLAGS", "CpuFeatures", "features", "usable_cores"]

@@ -37,7 +37,6 @@ import collections
 import ctypes
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from answerfirst.afrl import AFRLFormat, PromptTokenizer
 from answerfirst.artifact import Manifest, bind_format, check_file_sizes
 from answerfirst.extras import missing_extra
 from answerfirst.runtime._common import CPU_BATCH_TOKENS, ScorerConfig
+from answerfirst.runtime._cpu import usable_cores
 from answerfirst.runtime._tokenizer import TOKENIZER_FILE, ArtifactTokenizer
 
 logger = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ class LlamaCppBackend:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
 
         if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = usable_cores()
         # seq 0 (the prefix) + one per document of a decode; _groups splits a pass into decodes of at
         # most n_seq - 1 documents (and n_ctx cells), so a pass may hold more documents than that.
         # llama.cpp reserves an output row per sequence and aborts (GGML_ASSERT n_outputs_max) when
@@ -430,6 +430,10 @@ class LlamaCppBackend:
             self._reset()
             raise
         self._seq0 = list(ids)
+
+    def concurrent_copy(self, threads: int) -> None:
+        """A llama.cpp context runs one decode at a time (self._lock)."""
+        return None
 
     def forget_prefixes(self) -> None:
         with self._lock:

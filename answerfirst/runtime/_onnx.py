@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +97,16 @@ class OnnxBackend:
     The exporter (parity of a graph not yet in a manifest) and bench/profile.py (a profiling
     session) build one from `open_session(...)` and the prompt tokenizer's pad id; `session` is
     public for what they read from it (the profiler's output).
+    reopen: opens another session of the same graph on a given number of threads (load() passes
+    it); without it there is no concurrent_copy.
     """
 
     name = "onnx"
     default_batch_tokens = CPU_BATCH_TOKENS  # the CPU execution provider
 
-    def __init__(self, session: Any, pad_id: int, where: str = "graph"):
+    def __init__(self, session: Any, pad_id: int, where: str = "graph", reopen: Callable[[int], Any] | None = None):
         self.session = session
+        self._reopen = reopen
         self.pad_id = int(pad_id)
         self.where = self.artifact = where
         options = session.get_session_options()
@@ -163,6 +166,15 @@ class OnnxBackend:
 
     def forget_prefixes(self) -> None:
         self.prefix_cache.clear()
+
+    def concurrent_copy(self, threads: int) -> OnnxBackend | None:
+        """A second session of the graph on `threads` threads. A session of one thread has no pool:
+        each Run call computes on its caller's thread, so N callers run N passes side by side. The
+        logits equal this session's bit for bit, whatever the thread counts: each output of a
+        kernel is summed by one thread in the same order (tests/test_serve.py checks it)."""
+        if self._reopen is None:
+            return None
+        return type(self)(self._reopen(threads), self.pad_id, self.where, self._reopen)
 
     def _run_prefix(self, prefix_ids: tuple[int, ...]) -> dict[str, np.ndarray]:
         """The prefix KV (1, kv_heads, P, head_dim) per layer (PrefixCache keeps the last few)."""
@@ -250,7 +262,10 @@ def open_onnx(
         raise ManifestError(f"{location}: the export's tokenizer files are missing or unreadable ({e}); re-export") from None
     prompts = bind_format(tokenizer, manifest, str(location), config.max_doc_tokens)
     path = location / chosen.file
-    backend = OnnxBackend(open_session(path, threads, prepacks(chosen)), pad_id=prompts.pad_id, where=str(path))
+    prepack = prepacks(chosen)
+    backend = OnnxBackend(
+        open_session(path, threads, prepack), pad_id=prompts.pad_id, where=str(path), reopen=lambda n: open_session(path, n, prepack)
+    )
     check_graph_matches_manifest(backend, manifest, str(path))
     return backend, prompts
 

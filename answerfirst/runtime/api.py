@@ -52,6 +52,7 @@ from answerfirst.runtime._common import (
     PrefixCache,
     ScorerConfig,
 )
+from answerfirst.runtime._cpu import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ class Scorer:
     @property
     def grades(self) -> tuple[str, ...]:
         return self.prompts.format.grades
+
+    @property
+    def threads(self) -> int:
+        """The CPU threads a pass runs on: the backend's setting, else every usable core."""
+        return getattr(self.backend, "threads", 0) or usable_cores()
 
     def score(self, query: str, docs: Sequence[str]) -> list[Score]:
         """One query, many documents: the prefix is tokenized and run once, then every document.
@@ -216,6 +222,16 @@ class Scorer:
         if should_stop is not None:
             tokens = itertools.takewhile(lambda _: not should_stop(), tokens)
         return self.prompts.stream_explanation(tokens)
+
+    def concurrent(self, lanes: int) -> Scorer | None:
+        """A Scorer for running `lanes` passes at once, each on an equal share of this one's threads:
+        the same prompts and config over the backend's concurrent copy (Backend.concurrent_copy,
+        a second copy of the weights), whose logits equal this one's; None where the backend runs
+        one pass at a time. `answerfirst serve --concurrent-passes` runs its passes on it."""
+        if not isinstance(lanes, int) or lanes < 2:
+            raise ValueError(f"lanes: must be an int >= 2, got {lanes!r}")
+        backend = self.backend.concurrent_copy(max(1, self.threads // lanes))
+        return None if backend is None else Scorer(backend, self.prompts, self.config, self.manifest)
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)

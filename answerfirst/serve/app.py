@@ -52,6 +52,9 @@ class ServeConfig:
 
     max_batch: documents per forward pass (the Scorer's batch_size; applied when the server loads
     the model). batch_window_ms: how long the idle worker waits for more requests before a round.
+    concurrent_passes: passes of different queries run side by side, each on an equal share of the
+    threads (serve/batcher.py); None (default): 2 where the backend can (ONNX) and has 2+ threads,
+    else 1. Above 1 the backend holds a second copy of the weights.
     max_queue: requests admitted at once (waiting or running); one more gets 503 + Retry-After.
     max_documents / max_request_bytes: per request; over them is 413. timeout_s: a request's
     deadline from arrival to its scores (or its explanation's grade); past it, 504.
@@ -70,6 +73,7 @@ class ServeConfig:
     model_name: str | None = None
     max_batch: int = 16
     batch_window_ms: float = 2.0
+    concurrent_passes: int | None = None
     max_queue: int = 256
     max_documents: int = 1000
     max_request_bytes: int = 4 * 2**20
@@ -83,6 +87,10 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.concurrent_passes is not None and (
+            not isinstance(self.concurrent_passes, int) or isinstance(self.concurrent_passes, bool) or self.concurrent_passes < 1
+        ):
+            raise ValueError(f"concurrent_passes: must be a positive integer, or None for the default; got {self.concurrent_passes!r}")
         for name in ("timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be a positive number of seconds, got {getattr(self, name)!r}")
@@ -118,6 +126,9 @@ class ServeMetrics:
         self.batch_size = Histogram(
             "answerfirst_batch_size", "documents per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
         )
+        self.concurrent_rounds = Counter(
+            "answerfirst_concurrent_rounds", "rounds whose passes ran side by side (--concurrent-passes)", registry=registry
+        )
         self.shared_passes = Counter(
             "answerfirst_shared_passes", "passes answered from an identical pass of another request", registry=registry
         )
@@ -136,6 +147,8 @@ class Service:
         self.metrics = ServeMetrics()
         self.scorer: Scorer | None = None
         self.batcher: Batcher | None = None
+        self.lane_scorer: Scorer | None = None  # runs the concurrent passes (Scorer.concurrent), if any
+        self.concurrent_passes = 1
         self.load_error: BaseException | None = None
         self.load_seconds: float | None = None
         self.draining = False
@@ -156,9 +169,13 @@ class Service:
 
     def _load(self) -> None:
         start = time.perf_counter()
+        scorer = None
         try:
             scorer = self._load_scorer()
+            lanes = self._lanes(scorer)
         except BaseException as e:  # /health reports it; the CLI prints it and stops the server
+            if scorer is not None and self.owns_scorer:
+                scorer.close()
             self.load_error = e
             if self.on_load_failed is not None:
                 self.on_load_failed(e)
@@ -167,10 +184,27 @@ class Service:
             return
         self.load_seconds = time.perf_counter() - start
         self.scorer = scorer
-        self.batcher = Batcher(scorer, self.config.batch_window_ms / 1000, self.config.max_queue, self.metrics)
+        self.lane_scorer, self.concurrent_passes = lanes if lanes is not None else (None, 1)
+        self.batcher = Batcher(scorer, self.config.batch_window_ms / 1000, self.config.max_queue, self.metrics, lanes)
         self.metrics.ready.set(0 if self.draining else 1)
         if self.on_loaded is not None:
             self.on_loaded(self)
+
+    def _lanes(self, scorer: Scorer) -> tuple[Scorer, int] | None:
+        """The Scorer and count of concurrent passes (ServeConfig.concurrent_passes), or None for one at a time."""
+        asked = self.config.concurrent_passes
+        count = asked if asked is not None else min(2, scorer.threads)
+        if count < 2:
+            return None
+        lane_scorer = scorer.concurrent(count)
+        if lane_scorer is None:
+            if asked is not None:
+                raise ValueError(
+                    f"concurrent_passes={asked}: the {scorer.backend.name} backend runs one pass at a time; "
+                    "leave it unset or use 1 (concurrent passes need the onnx backend)"
+                )
+            return None
+        return lane_scorer, count
 
     def begin_drain(self) -> None:
         """SIGTERM: /health turns 503 and new requests are refused; accepted ones are still answered."""
@@ -180,6 +214,8 @@ class Service:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close(self.config.drain_timeout_s)
+        if self.lane_scorer is not None:  # made here, from the scorer: always this server's
+            self.lane_scorer.close()
         if self.scorer is not None and self.owns_scorer:
             self.scorer.close()
 
@@ -204,6 +240,7 @@ class Service:
                 values=list(fmt.values),
                 max_doc_tokens=fmt.max_doc_tokens,
                 max_batch=scorer.config.batch_size,
+                concurrent_passes=self.concurrent_passes,
                 max_documents=self.config.max_documents,
             )
         return info

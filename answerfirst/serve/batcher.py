@@ -1,4 +1,4 @@
-"""Batching across requests: one worker thread runs the forward passes of every request in flight.
+"""Batching across requests: one worker thread schedules the forward passes of every request in flight.
 
 Exactness comes first. A document's grade logits depend on the other rows of its forward pass:
 padding length and batch size change how the float kernels block their sums, and ONNX int8
@@ -18,7 +18,12 @@ What concurrent requests share, without changing a number:
 - identical passes (the same query and the same documents: retries, or one candidate list reranked
   for several users) run once, and every request that holds one gets its logits;
 - the collection window: after the worker was idle it waits `window_s` before its first round, so
-  requests that arrive together share that round.
+  requests that arrive together share that round;
+- the cores, in concurrent passes: when a round holds passes of two or more queries and the
+  backend has a concurrent copy (`Scorer.concurrent`), the query groups run side by side on
+  `lanes` threads, each pass on its share of the cores, instead of one after another on all of
+  them. A pass of a few dozen milliseconds keeps two cores busy less well than two passes keep one
+  each; a round of one query runs on the full scorer as before. Both give the same logits.
 
 A request whose deadline passed, or whose client left, is dropped before its next unit: at most the
 unit already running finishes, so no work runs that nobody will read.
@@ -33,6 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,13 +101,21 @@ class Batcher:
     """Schedules the passes of concurrent requests on one worker thread (see the module docstring).
 
     scorer: the one Scorer of the server; window_s: the collection window; max_queue: requests
-    admitted at once (waiting or running); metrics: a ServeMetrics or None."""
+    admitted at once (waiting or running); metrics: a ServeMetrics or None; lanes: a Scorer from
+    `scorer.concurrent(n)` and that n, to run the query groups of a round side by side; None: one
+    pass at a time."""
 
-    def __init__(self, scorer: Scorer, window_s: float, max_queue: int, metrics: Any = None):
+    def __init__(
+        self, scorer: Scorer, window_s: float, max_queue: int, metrics: Any = None, lanes: tuple[Scorer, int] | None = None
+    ):
         self.scorer = scorer
         self.window_s = window_s
         self.max_queue = max_queue
         self.metrics = metrics
+        self._lanes: tuple[Scorer, int, ThreadPoolExecutor] | None = None
+        if lanes is not None:
+            lane_scorer, count = lanes
+            self._lanes = (lane_scorer, count, ThreadPoolExecutor(count, thread_name_prefix="answerfirst-lane"))
         self.admitted = 0  # requests ever accepted (the drain report and tests read these)
         self.answered = 0  # ... whose result or error the worker delivered (not dropped: cancelled)
         self._jobs: list[Job] = []
@@ -144,6 +158,8 @@ class Batcher:
         self._worker.join(timeout_s)
         if self._worker.is_alive():
             logger.warning("the batcher worker did not stop within %.0f s", timeout_s)
+        if self._lanes is not None:
+            self._lanes[2].shutdown(wait=False)
 
     def _retry_after(self) -> int:
         """Seconds until the queue has drained, from the passes waiting and the mean pass time."""
@@ -185,16 +201,31 @@ class Batcher:
 
     def _round(self) -> None:
         jobs = self._live()
-        scoring = [j for j in jobs if j.next_pass is not None]
         # Same query, same prefix: run those passes back to back (first come, first grouped).
-        group_of: dict[tuple[int, ...] | None, int] = {}
-        for job in scoring:
-            group_of.setdefault(job.next_pass.prefix_ids, len(group_of))
-        direction = -1 if self._reverse_groups else 1
+        groups: dict[tuple[int, ...] | None, list[Job]] = {}
+        for job in jobs:
+            if job.next_pass is not None:
+                groups.setdefault(job.next_pass.prefix_ids, []).append(job)
+        ordered = list(groups.values())[:: -1 if self._reverse_groups else 1]
         self._reverse_groups = not self._reverse_groups
-        scoring.sort(key=lambda j: (direction * group_of[j.next_pass.prefix_ids], j.seq))
-        done: dict[tuple, np.ndarray] = {}  # backend call -> its logits, for identical passes
-        for job in scoring:
+        if self._lanes is not None and len(ordered) > 1:
+            scorer, count, pool = self._lanes
+            for lane in [pool.submit(self._run_group, group, scorer, count) for group in ordered]:
+                lane.result()  # the lanes take the groups in order, each as soon as it is free
+            if self.metrics is not None:
+                self.metrics.concurrent_rounds.inc()
+        else:
+            for group in ordered:
+                self._run_group(group, self.scorer, 1)
+        for job in jobs:
+            if job.pieces is not None and not self._dropped(job):
+                self._explain_steps(job)
+
+    def _run_group(self, group: list[Job], scorer: Scorer, side_by_side: int) -> None:
+        """The next pass of each request of one query, in arrival order; an identical pass runs once.
+        side_by_side: how many passes run at once (for the pass time Retry-After is computed from)."""
+        done: dict[tuple, np.ndarray] = {}  # backend call -> its logits (the same call has the same prefix)
+        for job in group:
             if self._dropped(job):
                 continue
             forward_pass = job.next_pass
@@ -202,24 +233,22 @@ class Batcher:
             logits = done.get(call)
             if logits is None:
                 try:
-                    logits = done[call] = self._run(forward_pass)
+                    logits = done[call] = self._run(forward_pass, scorer, side_by_side)
                 except Exception as e:  # the backend's own clear errors (e.g. a prompt over the context)
-                    self._fail_call(scoring, call, e)
+                    self._fail_call(group, call, e)
                     continue
             elif self.metrics is not None:
                 self.metrics.shared_passes.inc()
             job.logits.append(logits)
             if job.next_pass is None:
                 self._scored(job)
-        for job in jobs:
-            if job.pieces is not None and not self._dropped(job):
-                self._explain_steps(job)
 
-    def _run(self, forward_pass: ForwardPass) -> np.ndarray:
+    def _run(self, forward_pass: ForwardPass, scorer: Scorer, side_by_side: int) -> np.ndarray:
         start = time.perf_counter()
-        logits = self.scorer.run_pass(forward_pass)
-        seconds = time.perf_counter() - start
-        self._pass_seconds = seconds if self._pass_seconds == 0 else 0.8 * self._pass_seconds + 0.2 * seconds
+        logits = scorer.run_pass(forward_pass)
+        seconds = (time.perf_counter() - start) / side_by_side
+        with self._cond:  # lanes finish passes concurrently
+            self._pass_seconds = seconds if self._pass_seconds == 0 else 0.8 * self._pass_seconds + 0.2 * seconds
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(forward_pass.rows))
             self.metrics.documents.inc(len(forward_pass.rows))

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batching = parser.add_argument_group("batching and limits")
     batching.add_argument("--max-batch", type=int, default=16, help="documents per forward pass (default 16)")
     batching.add_argument("--batch-window-ms", type=float, default=2.0, help="how long an idle server collects requests before a round (default 2)")
+    batching.add_argument("--concurrent-passes", type=int, default=None,
+                          help="passes of different queries run side by side, each on a share of the threads "
+                               "(default: 2 on the onnx backend with 2+ threads, else 1; above 1 a second copy of the weights)")
     batching.add_argument("--max-queue", type=int, default=256, help="requests admitted at once; more get 503 + Retry-After (default 256)")
     batching.add_argument("--max-documents", type=int, default=1000, help="documents per request (default 1000)")
     batching.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="request body size (default 4 MiB)")
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         model=model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         backend=args.backend, variant=args.variant, precision=args.precision, device=args.device, threads=args.threads,
         model_name=args.model_name,
-        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
+        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, concurrent_passes=args.concurrent_passes, max_queue=args.max_queue,
         max_documents=args.max_documents, max_request_bytes=args.max_request_bytes, timeout_s=args.timeout,
         max_new_tokens=args.max_new_tokens, drain_timeout_s=args.drain_timeout, access_log=args.access_log,
     )
@@ -97,7 +100,8 @@ def _serve(service: Any, app: Any) -> Any:
     def loaded(service: Any) -> None:
         scorer = service.scorer
         variant = f" {service.variant}" if service.variant else ""
-        print(f"answerfirst serve: ready: {config.served_name} ({scorer.backend.name}{variant}), loaded in {service.load_seconds:.1f} s", flush=True)
+        lanes = f", {service.concurrent_passes} concurrent passes" if service.concurrent_passes > 1 else ""
+        print(f"answerfirst serve: ready: {config.served_name} ({scorer.backend.name}{variant}{lanes}), loaded in {service.load_seconds:.1f} s", flush=True)
 
     service.on_loaded = loaded
     service.on_load_failed = lambda error: setattr(server, "should_exit", True)
