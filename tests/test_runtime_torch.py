@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import threading
 
 import numpy as np
@@ -480,3 +483,51 @@ def test_precision_errors_name_the_problem(tiny_checkpoint, tiny_onnx_export):
         answerfirst.load(tiny_onnx_export, precision="bf16")
     with pytest.raises(ValueError, match="bitsandbytes picks its own compute dtype"):
         answerfirst.load(tiny_checkpoint, precision="bf16", quantization="8bit")
+
+
+def test_fused_kernels_score_like_the_eager_modules(tiny_checkpoint):
+    """The fused RMSNorm / rotary / SiLU-gate kernels (torch.compile) give the eager pass's scores: to
+    float rounding in fp32, to bf16 rounding in bf16, with and without prefix reuse and across pass
+    shapes; the default turns them on for bf16 on a CPU only."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("inductor needs a C++ compiler")
+    docs = [*DOCS, "red running shoes with a breathable mesh upper " * 6]
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 2e-2)):
+        eager = answerfirst.load(tiny_checkpoint, precision=precision, config=ScorerConfig(fused_kernels=False))
+        assert eager.backend.fused is None
+        expected = as_array(eager.score(QUERY, docs))
+        for reuse_prefix in (True, False):
+            config = ScorerConfig(fused_kernels=True, reuse_prefix=reuse_prefix, batch_tokens=300)
+            fused = answerfirst.load(tiny_checkpoint, precision=precision, config=config)
+            assert fused.backend.fused is not None and len(fused.plan(QUERY, docs).passes) > 1
+            got = as_array(fused.score(QUERY, docs))
+            np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
+    assert answerfirst.load(tiny_checkpoint, precision="bf16").backend.fused is not None  # default: on in bf16
+    assert answerfirst.load(tiny_checkpoint).backend.fused is None  # ... off in fp32, where they gain nothing
+
+
+def test_fused_kernels_that_cannot_compile_fall_back_or_fail_clearly(tiny_checkpoint, monkeypatch, caplog):
+    """Where inductor cannot build (no compiler, a failed build), the default scores with the eager
+    modules and says why; fused_kernels=True stops at load with one line; they never run on a model
+    the adapter's own pass does not run."""
+    from answerfirst.runtime import _torch
+
+    def no_compiler(fn, **_):
+        def broken(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore lines")
+        return broken
+
+    monkeypatch.setattr(_torch.torch, "compile", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="answerfirst.runtime._torch"):
+        scorer = answerfirst.load(tiny_checkpoint, precision="bf16")
+    assert scorer.backend.fused is None
+    assert "fused kernels unavailable (RuntimeError: InvalidCxxCompiler: no working C++ compiler found); scoring with eager" in caplog.text
+    assert len(scorer.score(QUERY, DOCS)) == len(DOCS)
+    with pytest.raises(RuntimeError, match=r"fused_kernels=True: torch.compile could not build them here \(RuntimeError: InvalidCxxCompiler"):
+        answerfirst.load(tiny_checkpoint, config=ScorerConfig(fused_kernels=True))
+    monkeypatch.undo()
+    from answerfirst.runtime._torch import TorchBackend
+
+    with pytest.raises(ValueError, match="fused_kernels=True: they fuse the adapter's own Qwen3 pass"):
+        TorchBackend(scorer.backend.model, scorer.prompts.grade_ids, scorer.prompts.pad_id, scorer.backend.device,
+                     decoder_pass=False, fused_kernels=True)
