@@ -35,7 +35,7 @@ RUNTIME_IMPORTS = {
     "answerfirst.runtime._cpu": set(),
     "answerfirst.runtime._torch": {"answerfirst.runtime._common", "answerfirst.runtime._cpu"},
     "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
-    "answerfirst.runtime._llamacpp": {"answerfirst.runtime._common", "answerfirst.runtime._tokenizer"},
+    "answerfirst.runtime._llamacpp": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
     # OpenVINO runs the ONNX adapter's graph and scoring logic on another engine
     "answerfirst.runtime._openvino": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._onnx",
                                       "answerfirst.runtime._tokenizer"},

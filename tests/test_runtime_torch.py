@@ -394,10 +394,11 @@ def test_a_second_torch_thread_setting_warns_that_it_overrides_the_first(tiny_ch
         torch.set_num_threads(before)
 
 
-def test_threads_with_distinct_queries_equal_sequential(tiny_checkpoint):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: with the fused kernels where they compile
+def test_threads_with_distinct_queries_equal_sequential(tiny_checkpoint, precision):
     from pairs import assert_threads_equal_sequential
 
-    scorer = answerfirst.load(tiny_checkpoint)
+    scorer = answerfirst.load(tiny_checkpoint, precision=precision)
     assert_threads_equal_sequential(scorer)
     assert scorer.backend.prefix_cache.misses > scorer.backend.prefix_cache.capacity  # the cache really cycled
 

@@ -267,10 +267,10 @@ class FusedKernels:
 
     Eager, each step of a chain reads and writes the whole tensor (an RMSNorm over q alone is six
     passes over 16 heads x 128 values per token, partly in fp32), and on a CPU these passes are
-    bound by memory bandwidth: in torch bf16 on W they took ~1.7 of 4.8 s, the matmuls 2.1 s
-    (torch.profiler, 2-core AMX Xeon). Fused, W took 3.5-3.75 s against 4.8-5.0 s eager in the same
-    session (README, "Fused kernels"). Inductor needs a C++ compiler at run time; its compiled code is
-    cached on disk (first load ~20 s, later ones ~5 s)."""
+    bound by memory bandwidth: in torch bf16 on 32 W-like documents they took ~1.7 of 4.5 s, the
+    matmuls 2.1 s (torch.profiler, 2-core AMX Xeon). Fused, the same documents took 3.65 s against
+    5.04 s eager (README, "Fused kernels (torch bf16)"). Inductor needs a C++ compiler at run time;
+    its compiled code is cached on disk (first load ~20 s, later ones ~5-9 s)."""
 
     def __init__(self) -> None:
         self.rms_norm = torch.compile(_rms_norm, dynamic=True)
@@ -400,8 +400,8 @@ def compute_dtype(device: str, precision: str | None) -> Any:
     """The dtype a torch checkpoint computes in. None: bf16 on a GPU, fp32 on a CPU (the reference
     every export's parity is measured against). "auto": bf16 where the device computes it fast (a CUDA
     GPU; a CPU with AMX bf16 tiles or AVX512_BF16, runtime/_cpu.py), fp32 elsewhere: on the 2-core
-    AMX Xeon of bench/results, bf16 scored W in 6.3-6.4 s where fp32 took 22.8-23.4 s and ONNX int8
-    9.8-10.1 s (two runs), while an AVX2-only CPU emulates bf16 7x slower than fp32. "fp32" / "bf16": as named."""
+    AMX Xeon of bench/results, bf16 (with FusedKernels) scored W in 6.1 s where fp32 took 23.2 s and
+    ONNX int8 10.7 s, while an AVX2-only CPU emulates bf16 7x slower than fp32. "fp32" / "bf16": as named."""
     import torch
 
     from answerfirst.runtime._cpu import features
