@@ -83,14 +83,12 @@ class ServeConfig:
     access_log: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_documents", "max_request_bytes", "max_new_tokens"):
+        for name in ("max_batch", "max_queue", "max_documents", "max_request_bytes", "max_new_tokens", "concurrent_passes"):
             value = getattr(self, name)
+            if value is None and name == "concurrent_passes":
+                continue  # the default, picked when the model is loaded
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if self.concurrent_passes is not None and (
-            not isinstance(self.concurrent_passes, int) or isinstance(self.concurrent_passes, bool) or self.concurrent_passes < 1
-        ):
-            raise ValueError(f"concurrent_passes: must be a positive integer, or None for the default; got {self.concurrent_passes!r}")
         for name in ("timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be a positive number of seconds, got {getattr(self, name)!r}")
