@@ -59,19 +59,29 @@ def load_backend(backend: str, request, batch_size: int):
 
 
 class Gate:
-    """Holds each forward pass of a real scorer until the test opens it, and counts the passes run."""
+    """Holds each forward pass of a real scorer until the test opens it, and counts the passes run
+    and the most held at once."""
 
     def __init__(self, scorer):
         self.open = threading.Event()
         self.entered = threading.Event()
         self.passes: list[int] = []
+        self.waiting = self.most_waiting = 0
+        self._count = threading.Lock()
         self._grade_logits = scorer.backend.grade_logits
         scorer.backend.grade_logits = self._gated
 
     def _gated(self, prefix_ids, continuations):
-        self.passes.append(len(continuations))
+        with self._count:
+            self.passes.append(len(continuations))
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
         self.entered.set()
-        assert self.open.wait(WAIT_S), "the test never opened the gate"
+        try:
+            assert self.open.wait(WAIT_S), "the test never opened the gate"
+        finally:
+            with self._count:
+                self.waiting -= 1
         return self._grade_logits(prefix_ids, continuations)
 
 
@@ -166,23 +176,6 @@ def test_passes_of_different_queries_run_side_by_side(tiny_onnx_export):
     with serve_in_thread(scorer, batch_window_ms=0, concurrent_passes=2) as service:
         assert service.wait_loaded(WAIT_S)
         lanes = Gate(service.lane_scorer)
-        in_flight = 0
-        most = 0
-        counting = threading.Lock()
-        gated = lanes._gated
-
-        def counted(prefix_ids, continuations):
-            nonlocal in_flight, most
-            with counting:
-                in_flight += 1
-                most = max(most, in_flight)
-            try:
-                return gated(prefix_ids, continuations)
-            finally:
-                with counting:
-                    in_flight -= 1
-
-        service.lane_scorer.backend.grade_logits = counted
 
         async def scenario():
             async with httpx.AsyncClient(base_url=service.url, timeout=WAIT_S) as client:
@@ -192,14 +185,14 @@ def test_passes_of_different_queries_run_side_by_side(tiny_onnx_export):
                 rest = [post(q) for q in queries]
                 await asyncio.to_thread(wait_until, lambda: service.batcher.in_flight() == 4, "all four are admitted")
                 full.open.set()
-                await asyncio.to_thread(wait_until, lambda: in_flight == 2, "two passes are in flight on the lanes")
+                await asyncio.to_thread(wait_until, lambda: lanes.waiting == 2, "two passes are in flight on the lanes")
                 lanes.open.set()
                 return [await first, *(await asyncio.gather(*rest))]
 
         responses = asyncio.run(scenario())
     for response, scores in zip(responses, [expected[0], *expected], strict=True):
         assert_same_as_library(response.json(), scores)
-    assert full.passes == [len(DOCS)] and len(lanes.passes) == 3 and most == 2
+    assert full.passes == [len(DOCS)] and len(lanes.passes) == 3 and lanes.most_waiting == 2
 
 
 def test_concurrent_passes_on_a_backend_without_them_is_a_load_error(tiny_checkpoint):
