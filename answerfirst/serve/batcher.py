@@ -38,7 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,8 +210,10 @@ class Batcher:
         self._reverse_groups = not self._reverse_groups
         if self._lanes is not None and len(ordered) > 1:
             scorer, count, pool = self._lanes
-            for lane in [pool.submit(self._run_group, group, scorer, count) for group in ordered]:
-                lane.result()  # the lanes take the groups in order, each as soon as it is free
+            lanes = [pool.submit(self._run_group, group, scorer, count) for group in ordered]  # taken in order
+            wait(lanes)  # every group is done before the next round, even when one of them failed
+            for lane in lanes:
+                lane.result()
             if self.metrics is not None:
                 self.metrics.concurrent_rounds.inc()
         else:
