@@ -21,7 +21,7 @@ What concurrent requests share, without changing a number:
   requests that arrive together share that round;
 - the cores, in concurrent passes: when a round holds passes of two or more queries and the
   backend has a concurrent copy (`Scorer.concurrent`), the query groups run side by side on
-  `lanes` threads, each pass on its share of the cores, instead of one after another on all of
+  n lane threads, each pass on 1/n of the cores, instead of one after another on all of
   them. A pass of a few dozen milliseconds keeps two cores busy less well than two passes keep one
   each; a round of one query runs on the full scorer as before. Both give the same logits.
 
@@ -98,7 +98,8 @@ class Job:
 
 
 class Batcher:
-    """Schedules the passes of concurrent requests on one worker thread (see the module docstring).
+    """Schedules the passes of concurrent requests from one worker thread, which runs them itself or
+    hands a round's query groups to the lane threads (see the module docstring).
 
     scorer: the one Scorer of the server; window_s: the collection window; max_queue: requests
     admitted at once (waiting or running); metrics: a ServeMetrics or None; lanes: a Scorer from
