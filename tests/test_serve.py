@@ -147,9 +147,11 @@ def test_concurrent_requests_get_exactly_the_single_request_scores(backend, requ
     with passes of different queries run side by side (on 1-thread sessions, where the scorer that
     computed the expected scores runs on 2 threads)."""
     concurrent = backend.endswith("-concurrent")
-    scorer = load_backend(backend.removesuffix("-concurrent"), request, batch_size=3)
     if concurrent:
-        scorer = answerfirst.load(request.getfixturevalue("tiny_onnx_export"), variant="int8", threads=2, config=scorer.config)
+        scorer = answerfirst.load(request.getfixturevalue("tiny_onnx_export"), variant="int8", threads=2,
+                                  config=ScorerConfig(batch_size=3))
+    else:
+        scorer = load_backend(backend, request, batch_size=3)
     requests = mixed_requests(48, seed=1)
     expected = [scorer.score(query, docs) for query, docs in requests]
     with serve_in_thread(scorer, batch_window_ms=20, concurrent_passes=2 if concurrent else 1) as service:

@@ -212,8 +212,7 @@ def _decoder_pass(
     positions = torch.arange(past, past + seq, device=input_ids.device)[None]  # (1, T)
     cos, sin = (t[:, None] for t in body.rotary_emb(hidden, positions))  # (1, 1, T, d): every row and head
     mask = prefix_causal_mask(seq, past, input_ids.device)
-    norm = _eager_norm if fused is None else fused.norm
-    rotary = _rotary if fused is None else fused.rotary
+    norm, rotary, gate = (_eager_norm, _rotary, _eager_gate) if fused is None else (fused.norm, fused.rotary, fused.gate)
     kept = []
     for i, layer in enumerate(body.layers):
         attn = layer.self_attn
@@ -232,16 +231,18 @@ def _decoder_pass(
         out = _attention(q, k, v, mask, attn.scaling, grouped)  # (B, heads, T, d)
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
         x = norm(layer.post_attention_layernorm, hidden)
-        if fused is None:
-            hidden = hidden + layer.mlp(x)
-        else:
-            mlp = layer.mlp
-            hidden = hidden + mlp.down_proj(fused.silu_gate(mlp.gate_proj(x), mlp.up_proj(x)))
+        mlp = layer.mlp
+        hidden = hidden + mlp.down_proj(gate(mlp, mlp.gate_proj(x), mlp.up_proj(x)))
     return hidden, kept
 
 
 def _eager_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
     return module(x)
+
+
+def _eager_gate(mlp: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The middle of transformers' Qwen3MLP.forward, with the MLP's own activation."""
+    return mlp.act_fn(gate) * up
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -280,6 +281,9 @@ class FusedKernels:
     def norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         return self.rms_norm(x, module.weight, module.variance_epsilon)
 
+    def gate(self, mlp: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.silu_gate(gate, up)  # fused_kernels_for checked that the MLP's activation is silu
+
     def check(self, dtype: torch.dtype, head_dim: int) -> None:
         """Compile now, on small tensors of the model's dtype, and compare with the eager steps:
         a compiler that fails, or code that computes something else, fails here and not in a score."""
@@ -293,7 +297,7 @@ class FusedKernels:
             *zip(self.rotary(q, k, cos, sin), _rotary(q, k, cos, sin), strict=True),
             (self.silu_gate(gate, up), _silu_gate(gate, up)),
         ]
-        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        tolerance = probe_tolerance(dtype)
         for fused, eager in pairs:
             if not torch.allclose(fused.float(), eager.float(), atol=tolerance, rtol=tolerance):
                 raise RuntimeError(f"a fused kernel differs from its eager steps by {(fused.float() - eager.float()).abs().max():.3g}")
@@ -373,8 +377,14 @@ def grouped_attention_works(device: torch.device, dtype: torch.dtype, head_dim: 
         logger.debug("grouped-query SDPA unavailable on %s (%s: %s): kv heads are repeated", device, type(e).__name__, e)
         return False
     repeated = _attention(q, k, v, mask, head_dim**-0.5, grouped=False)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    tolerance = probe_tolerance(dtype)
     return bool(torch.allclose(grouped.float(), repeated.float(), atol=tolerance, rtol=tolerance))
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """How far a kernel may stray from the reference steps on a load-time probe: float rounding in
+    fp32, a few bf16 ulps otherwise."""
+    return 1e-5 if dtype == torch.float32 else 2e-2
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
