@@ -1,0 +1,54 @@
+"""Peak memory of an OpenVINO export while it scores, under the CPU plugin's settings.
+
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --batch-tokens 1024
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --set '{"INFERENCE_PRECISION_HINT": "f32"}'
+
+Loads the export's int8 variant (its compile settings from runtime/_openvino.py: compile_config, with
+--set's entries on top), then scores two queries of 32 product-word documents (bench/fused_kernels.py's
+`documents`), and prints this process's VmHWM (peak RSS) and VmRSS after the load and after each
+query. The documents are 50-149 words each (W-like in size, not W). Run one setting per process:
+the peak never comes down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def memory() -> str:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return "  ".join(line.replace("\t", " ") for line in lines if line.startswith(("VmHWM", "VmRSS")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", help="an OpenVINO export directory (make bench caches one)")
+    parser.add_argument("--set", default="{}", help="CPU plugin settings as JSON, on top of the backend's")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="ScorerConfig.batch_tokens (default 4096)")
+    args = parser.parse_args(argv)
+
+    from fused_kernels import documents
+
+    import answerfirst
+    from answerfirst.runtime import _openvino
+    from answerfirst.runtime.api import ScorerConfig
+
+    extra = json.loads(args.set)
+    backend_config = _openvino.compile_config
+    _openvino.compile_config = lambda threads, cpu: {**backend_config(threads, cpu), **extra}
+    scorer = answerfirst.load(args.export, variant="int8", config=ScorerConfig(batch_tokens=args.batch_tokens))
+    print(f"settings {extra}, batch_tokens {args.batch_tokens}; loaded: {memory()}")
+    docs = documents(words=(50, 150))
+    for q in range(2):
+        start = time.perf_counter()
+        scorer.score(f"query {q} grey power bank", docs)
+        print(f"query {q}: {time.perf_counter() - start:.1f} s  {memory()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
