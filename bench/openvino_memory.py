@@ -1,7 +1,7 @@
 """Peak memory of an OpenVINO export while it scores, under the CPU plugin's settings.
 
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino
-    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --batch-tokens 1024
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --batch-tokens 4096
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --set '{"INFERENCE_PRECISION_HINT": "f32"}'
 
 Loads the export's int8 variant (its compile settings from runtime/_openvino.py: compile_config, with
@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", help="an OpenVINO export directory (make bench caches one)")
     parser.add_argument("--set", default="{}", help="CPU plugin settings as JSON, on top of the backend's")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="ScorerConfig.batch_tokens (default 4096)")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="ScorerConfig.batch_tokens (default: the backend's, 1024 on a CPU)")
     args = parser.parse_args(argv)
-
-    from fused_kernels import documents
 
     import answerfirst
     from answerfirst.runtime import _openvino
@@ -41,13 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     backend_config = _openvino.compile_config
     _openvino.compile_config = lambda threads, cpu: {**backend_config(threads, cpu), **extra}
     scorer = answerfirst.load(args.export, variant="int8", config=ScorerConfig(batch_tokens=args.batch_tokens))
-    print(f"settings {extra}, batch_tokens {args.batch_tokens}; loaded: {memory()}")
+    score_two_queries(scorer, f"settings {extra}")
+    return 0
+
+
+def score_two_queries(scorer, label: str) -> None:
+    """Print the memory after the load, then score two queries of 32 W-like documents and print each
+    one's time and the memory after it."""
+    from fused_kernels import documents
+
+    print(f"{label}, batch_tokens {scorer.config.batch_tokens}; loaded: {memory()}")
     docs = documents(words=(50, 150))
     for q in range(2):
         start = time.perf_counter()
         scorer.score(f"query {q} grey power bank", docs)
         print(f"query {q}: {time.perf_counter() - start:.1f} s  {memory()}")
-    return 0
 
 
 if __name__ == "__main__":

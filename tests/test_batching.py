@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pairs import DOCS, QUERY, as_array
 
 import answerfirst
-from answerfirst.runtime._common import CPU_BATCH_TOKENS
+from answerfirst.runtime._common import CPU_BATCH_TOKENS, GRAPH_CPU_BATCH_TOKENS
 from answerfirst.runtime.api import ScorerConfig, token_budget_passes
 
 # Documents of very different lengths, so budgets cut them into passes of different sizes.
@@ -96,7 +96,8 @@ def test_torch_scores_do_not_depend_on_the_budget(tiny_checkpoint, tiny_scorer):
 @pytest.mark.slow
 def test_onnx_scores_do_not_depend_on_the_budget(tiny_onnx_export):
     base = answerfirst.load(tiny_onnx_export, variant="fp32", threads=1)
-    assert base.config.batch_tokens == CPU_BATCH_TOKENS
+    assert base.config.batch_tokens == GRAPH_CPU_BATCH_TOKENS  # the exported graph's CPU default, not torch's
+    assert f"batch_tokens={GRAPH_CPU_BATCH_TOKENS}" in repr(base)
     expected = as_array(base.score(QUERY, VARIED_DOCS))
     for config in BUDGETS:
         scorer = answerfirst.load(tiny_onnx_export, variant="fp32", threads=1, config=config)

@@ -102,7 +102,7 @@ def bench_results(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     config = BenchConfig(
         model=str(tiny_checkpoint), cache_dir=str(root / "cache"), out_dir=str(root / "results"),
-        docs=3, doc_tokens=(20, 40), repeats=2, baseline_repeats=1, warmup_docs=2, batch_size=2,
+        docs=3, doc_tokens=(20, 40), repeats=3, baseline_repeats=1, noreuse_repeats=2, warmup_docs=2, batch_size=2,
         curve_lengths=(16, 48), curve_length_docs=1, curve_docs=(1, 2), curve_docs_length=16,
         curve_threads=(1,), curve_threads_docs=1, budget_s=600,
     )
@@ -147,7 +147,7 @@ def test_runner_end_to_end(bench_results):
             assert c["prefix_reuse_speedup"] is None
             continue
         reuse, no_reuse = c["modes"]["reuse"], c["modes"]["noreuse"]
-        assert reuse["repeats"] == config.repeats and no_reuse["repeats"] == config.baseline_repeats
+        assert reuse["repeats"] == config.repeats and no_reuse["repeats"] == config.noreuse_repeats
         rate = 3 / np.mean(reuse["latencies_s"])
         assert c["pairs_per_s"] == pytest.approx(rate)
         assert c["speedup_vs_naive"] == pytest.approx(rate / naive_rate)

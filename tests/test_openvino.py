@@ -40,6 +40,21 @@ def test_export_records_ir_files_and_parity_measured_with_this_cpus_precision(op
     assert not list(openvino_export.glob(".trace-*")), "the temporary ONNX graph must be removed"
 
 
+def test_the_vocabulary_head_reads_the_int8_embedding_as_weights(openvino_export):
+    """The IR's next-token head multiplies the rows by the (transposed) int8 embedding, the form the CPU
+    plugin runs on int8 weights, not the embedding by the rows, where the plugin keeps a decompressed
+    copy of the embedding. (Its logits are checked by the first greedy token in the parity test below.)"""
+    import openvino as ov
+
+    graph = ov.Core().read_model(str(openvino_export / "score_int8.xml"))
+    head = graph.output("next_token_logits").get_node().input_value(0).get_node()  # the Result's producer
+    assert head.get_type_name() == "MatMul" and head.get_attributes() == {"transpose_a": False, "transpose_b": True}
+    weights = head.input_value(1).get_node()
+    while weights.get_type_name() in ("Convert", "Subtract", "Multiply"):  # nncf's decompression chain
+        weights = weights.input_value(0).get_node()
+    assert weights.get_type_name() == "Constant" and weights.get_element_type().get_type_name() == "u8"
+
+
 def test_openvino_export_scores_like_torch_and_its_manifest_tells_the_truth(openvino_export, tiny_checkpoint):
     scorer = answerfirst.load(openvino_export, threads=1, verify=True)
     assert scorer.backend.name == "openvino"

@@ -18,6 +18,11 @@ DEFAULT_MAX_QUERY_TOKENS = 256
 # The token budget of a forward pass on a CPU (ScorerConfig.batch_tokens=None there): about what the
 # former default of 16 documents per pass held on workload W (16 x ~260-token prompts), see README.
 CPU_BATCH_TOKENS = 4096
+# The same for the exported graph on onnxruntime's or OpenVINO's CPU kernels, which score W faster in
+# smaller passes (README, "Pass size of the exported graph"): real-size ONNX int8 9.2-9.5 s at 1024
+# tokens against 10.6-10.8 s at 4096, and a lower peak (0.74-0.79 GB against 0.93). Torch bf16 goes
+# the other way (5.3-5.6 s at 4096, 6.1 s at 1024), so it keeps CPU_BATCH_TOKENS.
+GRAPH_CPU_BATCH_TOKENS = 1024
 
 
 PRECISIONS = ("fp32", "bf16", "auto")  # load(precision=...) of a torch checkpoint (runtime/_torch.py: compute_dtype)
@@ -32,7 +37,8 @@ class ScorerConfig:
         same whether or not the prefix is reused, so one budget gives the same passes either way.
         Documents are sorted by length first, so a pass pads little; a prompt longer than the
         budget runs alone. None (default): the device's budget, picked at load (repr(scorer) shows
-        it, and load() logs it): CPU_BATCH_TOKENS on a CPU; on a CUDA GPU what half of its free
+        it, and load() logs it): on a CPU, CPU_BATCH_TOKENS for torch and llama.cpp and
+        GRAPH_CPU_BATCH_TOKENS for the exported graph (ONNX, OpenVINO); on a CUDA GPU what half of its free
         memory holds at the cost per token measured by a probe pass at load, at most
         CUDA_MAX_BATCH_TOKENS (runtime/_torch.py). Larger passes cost fewer launches and less
         Python per document, which is what a GPU is short of; on a CPU they gain little and cost memory.

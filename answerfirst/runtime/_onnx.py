@@ -25,7 +25,7 @@ import numpy as np
 
 from answerfirst.artifact import Manifest, ManifestError, Variant, bind_format, check_file_sizes
 from answerfirst.extras import missing_extra
-from answerfirst.runtime._common import CPU_BATCH_TOKENS, PrefixCache, ScorerConfig
+from answerfirst.runtime._common import GRAPH_CPU_BATCH_TOKENS, PrefixCache, ScorerConfig
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
-    default_batch_tokens = CPU_BATCH_TOKENS  # the CPU execution provider
+    default_batch_tokens = GRAPH_CPU_BATCH_TOKENS  # the CPU execution provider (OpenVinoBackend: its CPU plugin)
 
     def __init__(self, session: Any, pad_id: int, where: str = "graph", reopen: Callable[[int], Any] | None = None):
         self.session = session
