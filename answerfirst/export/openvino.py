@@ -113,8 +113,8 @@ def vocabulary_head_on_weights(graph: Any, ov: Any) -> None:
     (V, H)ᵀ: a MatMul on constant transposed weights, which OpenVINO's CPU plugin runs as a
     FullyConnected on the int8 weights. In the traced form the plugin decompresses the whole int8
     embedding for that MatMul and keeps the result beside the int8 table: on the random Qwen3-0.6B,
-    RSS after load 1.25 GB against 0.50 GB rewritten, and after a query of 32 W-like documents 3.77
-    GB against 3.05 GB (bench/openvino_memory.py). The graph must hold exactly one such head."""
+    RSS after load 1.07 GB against 0.31 GB rewritten, and after a query of 32 W-like documents 3.54
+    GB against 2.76 GB (bench/openvino_head.py). The graph must hold exactly one such head."""
     heads = []
     for op in graph.get_ordered_ops():
         if op.get_type_name() != "MatMul" or any(op.get_attributes().values()):

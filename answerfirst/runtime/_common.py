@@ -19,9 +19,9 @@ DEFAULT_MAX_QUERY_TOKENS = 256
 # former default of 16 documents per pass held on workload W (16 x ~260-token prompts), see README.
 CPU_BATCH_TOKENS = 4096
 # The same for the exported graph on onnxruntime's or OpenVINO's CPU kernels, which score W faster in
-# smaller passes (README, "Pass size of the exported graph"): real-size ONNX int8 9.2-9.5 s at 1024
-# tokens against 10.6-10.8 s at 4096, and a lower peak (0.74-0.79 GB against 0.93). Torch bf16 goes
-# the other way (5.3-5.6 s at 4096, 6.1 s at 1024), so it keeps CPU_BATCH_TOKENS.
+# smaller passes (README, "Pass size on a CPU"; bench/pass_size.py): real-size ONNX int8 7.7-7.8 s at
+# 1024 tokens against 9.1 s at 4096, with a lower peak (0.75 GB against 0.92 in make bench). Torch
+# bf16 goes the other way (4.9 s at 4096, 5.2-5.5 s at 1024), so it keeps CPU_BATCH_TOKENS.
 GRAPH_CPU_BATCH_TOKENS = 1024
 
 
