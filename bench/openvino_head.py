@@ -30,7 +30,7 @@ def build(onnx_dir: Path, out: Path, head: str, transposed_weights: bool) -> Non
 
     graph = ov.Core().read_model(str(onnx_dir / "score_fp32.onnx"))
     if head == "rows":
-        vocabulary_head_on_weights(graph, ov)
+        vocabulary_head_on_weights(graph)
     if transposed_weights:
         for op in graph.get_ordered_ops():
             if op.get_type_name() != "MatMul":

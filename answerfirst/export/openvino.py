@@ -85,7 +85,7 @@ def export_openvino(
         release_memory()
         logger.info("export openvino: compressing the weights to int8 (nncf) and writing %s", int8_path.name)
         graph = ov.Core().read_model(str(Path(work) / "graph.onnx"))
-        vocabulary_head_on_weights(graph, ov)
+        vocabulary_head_on_weights(graph)
         graph = nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT8_ASYM)
         ov.save_model(graph, str(int8_path), compress_to_fp16=False)
         del graph
@@ -107,7 +107,7 @@ def export_openvino(
                           files=lambda file: graph_files(out / file))
 
 
-def vocabulary_head_on_weights(graph: Any, ov: Any) -> None:
+def vocabulary_head_on_weights(graph: Any) -> None:
     """Turn the next-token head, traced as (V, H) embedding @ (H, M) rows, then transposed (the form
     that keeps onnxruntime to one copy of the tied embedding, export/onnx.py), into (M, H) rows @
     (V, H)ᵀ: a MatMul on constant transposed weights, which OpenVINO's CPU plugin runs as a
@@ -127,6 +127,7 @@ def vocabulary_head_on_weights(graph: Any, ov: Any) -> None:
             heads.append((op, rows, consumers))
     if len(heads) != 1:
         raise RuntimeError(f"expected one vocabulary head (embedding @ transposed rows) in the traced graph, found {len(heads)}")
+    ov = import_openvino()
     op, rows, consumers = heads[0]
     head = ov.opset13.matmul(rows.input_value(0), op.input_value(0), False, True)  # (M, H) @ (V, H)ᵀ = (M, V)
     for transposed in consumers:  # each gave (V, M)ᵀ = (M, V): the same values
