@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --batch-tokens 4096
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --set '{"INFERENCE_PRECISION_HINT": "f32"}'
 
-Loads the export's int8 variant (its compile settings from runtime/_openvino.py: compile_config, with
---set's entries on top), then scores two queries of 32 product-word documents (bench/fused_kernels.py's
-`documents`), and prints this process's VmHWM (peak RSS) and VmRSS after the load and after each
-query. The documents are 50-149 words each (W-like in size, not W). Run one setting per process:
-the peak never comes down.
+Loads the export's int8 variant, or --variant's (its compile settings from runtime/_openvino.py: compile_config, with
+--set's entries on top), then scores one document and two queries of 32 product-word documents
+(bench/fused_kernels.py's `documents`), and prints this process's VmHWM (peak RSS) and VmRSS, with
+its anonymous and file-backed parts, after the load and after each call. The documents are 50-149
+words each (W-like in size, not W). Run one setting per process: the peak never comes down.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from pathlib import Path
 
 
 def memory() -> str:
+    """Peak and current RSS, the current split into anonymous memory and mapped file pages."""
     lines = Path("/proc/self/status").read_text().splitlines()
-    return "  ".join(line.replace("\t", " ") for line in lines if line.startswith(("VmHWM", "VmRSS")))
+    fields = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    return "  ".join(" ".join(line.split()) for line in lines if line.startswith(fields))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", help="an OpenVINO export directory (make bench caches one)")
     parser.add_argument("--set", default="{}", help="CPU plugin settings as JSON, on top of the backend's")
+    parser.add_argument("--variant", default="int8", help="the export's variant (int8, int8-static)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="ScorerConfig.batch_tokens (default: the backend's, 1024 on a CPU)")
     args = parser.parse_args(argv)
 
@@ -38,17 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     extra = json.loads(args.set)
     backend_config = _openvino.compile_config
     _openvino.compile_config = lambda threads, cpu: {**backend_config(threads, cpu), **extra}
-    scorer = answerfirst.load(args.export, variant="int8", config=ScorerConfig(batch_tokens=args.batch_tokens))
-    score_two_queries(scorer, f"settings {extra}")
+    scorer = answerfirst.load(args.export, variant=args.variant, config=ScorerConfig(batch_tokens=args.batch_tokens))
+    score_two_queries(scorer, f"variant {args.variant}, settings {extra}")
     return 0
 
 
 def score_two_queries(scorer, label: str) -> None:
-    """Print the memory after the load, then score two queries of 32 W-like documents and print each
-    one's time and the memory after it."""
+    """Print the memory after the load and after a one-document query (what the first inference
+    allocates whatever the pass), then score two queries of 32 W-like documents and print each one's
+    time and the memory after it."""
     from fused_kernels import documents
 
     print(f"{label}, batch_tokens {scorer.config.batch_tokens}; loaded: {memory()}")
+    start = time.perf_counter()
+    scorer.score("one document", ["a grey power bank"])
+    print(f"one document: {time.perf_counter() - start:.1f} s  {memory()}")
     docs = documents(words=(50, 150))
     for q in range(2):
         start = time.perf_counter()

@@ -124,7 +124,8 @@ def test_runner_end_to_end(bench_results):
         assert c["status"] in ("ok", "skipped", "failed")
         assert c["status"] == "ok" or c["reason"], f"{c['name']} not measured and no reason given"
     # the peers, torch and both ONNX variants must run on any machine with the [bench] extra
-    for name in ("naive", "naive-keep1", "llamacpp-rank", "torch-fp32", "onnx-fp32", "onnx-int8", "openvino-int8"):
+    for name in ("naive", "naive-keep1", "llamacpp-rank", "torch-fp32", "onnx-fp32", "onnx-int8", "openvino-int8",
+                 "openvino-int8-static"):
         assert by_name[name]["status"] == "ok", by_name[name]["reason"]
 
     rates = {}

@@ -3,6 +3,8 @@ kernel choice by CPU flags, and clear errors. Tiny models built here."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,7 +32,7 @@ def test_export_records_ir_files_and_parity_measured_with_this_cpus_precision(op
     from answerfirst.export.openvino import INT8_THRESHOLDS
 
     manifest = Manifest.read(openvino_export)
-    assert manifest.kind == "openvino" and [v.name for v in manifest.variants] == ["int8"]
+    assert manifest.kind == "openvino" and [v.name for v in manifest.variants] == ["int8-static", "int8"]
     assert manifest.source == {"model": str(tiny_checkpoint), "sha256": checkpoint_hash(tiny_checkpoint)}
     parity = manifest.variants[0].parity
     assert parity["passed"], parity
@@ -49,10 +51,98 @@ def test_the_vocabulary_head_reads_the_int8_embedding_as_weights(openvino_export
     graph = ov.Core().read_model(str(openvino_export / "score_int8.xml"))
     head = graph.output("next_token_logits").get_node().input_value(0).get_node()  # the Result's producer
     assert head.get_type_name() == "MatMul" and head.get_attributes() == {"transpose_a": False, "transpose_b": True}
-    weights = head.input_value(1).get_node()
-    while weights.get_type_name() in ("Convert", "Subtract", "Multiply"):  # nncf's decompression chain
-        weights = weights.input_value(0).get_node()
+    weights = _stored_weights(head)
     assert weights.get_type_name() == "Constant" and weights.get_element_type().get_type_name() == "u8"
+
+
+def _stored_weights(matmul):
+    """What a MatMul's right operand is read from, past nncf's decompression chain."""
+    weights = matmul.input_value(1).get_node()
+    while weights.get_type_name() in ("Convert", "Subtract", "Multiply"):
+        weights = weights.input_value(0).get_node()
+    return weights
+
+
+def _final_hidden(graph, feed, low_precision: bool):
+    """The hidden states the grade head reads, one graph run; low_precision=False: the CPU plugin's
+    int8 transformations off, so FakeQuantize is computed as written, in f32 (the graph's meaning)."""
+    import openvino as ov
+
+    graph = graph.clone()
+    head = graph.output("grade_logits").get_node().input_value(0).get_node()  # the Result's producer
+    graph.add_outputs([head.input_value(0)])
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": "1"}
+    if not low_precision:
+        config["LP_TRANSFORMS_MODE"] = "NO"
+    compiled = ov.Core().compile_model(graph, "CPU", config)
+    return np.array(compiled.infer_new_request(feed)[compiled.outputs[-1]])
+
+
+def _relative_gap(graph, feed) -> float:
+    kernels, meaning = _final_hidden(graph, feed, True), _final_hidden(graph, feed, False)
+    return float(np.abs(kernels - meaning).max() / np.abs(meaning).max())
+
+
+def test_static_variant_quantizes_the_linear_layers_and_int8_kernels_compute_its_graph(openvino_export, tiny_onnx_export):
+    """int8-static: FakeQuantize on the activations of the decoder's linear layers (not attention's,
+    not the heads'), calibrated on the pairs the manifest names; the CPU plugin's int8 kernels give
+    what the quantized graph means. With the attention mask as traced (Convert(bool) * lowest float)
+    they do not: the low-precision transformations take it for a dequantization and wipe the
+    attention scores out, which attention_mask_as_select prevents."""
+    import openvino as ov
+
+    from answerfirst.export.openvino import calibration_feeds, static_int8, vocabulary_head_on_weights
+
+    manifest = Manifest.read(openvino_export)
+    assert manifest.info["calibration"] == {"source": "the probe pairs", "pairs": len(PAIRS)}
+    static = ov.Core().read_model(str(openvino_export / "score_int8_static.xml"))
+    quantized = [op for op in static.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert quantized, "no activation was quantized"
+    for fq in quantized:  # each feeds linear layers only: MatMuls on int8 weights
+        for target in fq.output(0).get_target_inputs():
+            matmul = target.get_node()
+            assert matmul.get_type_name() == "MatMul" and target.get_index() == 0, matmul
+            assert _stored_weights(matmul).get_element_type().get_type_name() in ("i8", "u8"), matmul
+    masks = [op for op in static.get_ordered_ops() if op.get_type_name() == "Convert"
+             and op.get_input_element_type(0) == ov.Type.boolean and any(
+                 t.get_node().get_type_name() == "Multiply" for t in op.output(0).get_target_inputs())]
+    assert not masks, "the attention mask is still Convert * Multiply"
+
+    prompts = answerfirst.load(openvino_export, threads=1).prompts
+    feeds = calibration_feeds(openvino_export / "score_int8.xml", prompts, PAIRS, 1)
+    document_pass = next(feed for feed in feeds if feed["past_key.0"].shape[2] > 0)  # after the prefix pass
+    # int8 kernels against f32 FakeQuantize: rounding (measured 0.07 of the largest value here)
+    assert _relative_gap(static, document_pass) < 0.15
+
+    traced = ov.Core().read_model(str(tiny_onnx_export / "score_fp32.onnx"))
+    vocabulary_head_on_weights(traced)  # the mask left as traced
+    as_traced = static_int8(traced, feeds)
+    gap = _relative_gap(as_traced, document_pass)
+    assert gap > 0.3, gap  # measured 0.57: the attention scores were lost
+
+
+def test_calibration_pairs_come_from_the_given_file_else_the_training_data_else_the_probe_pairs(tmp_path):
+    from types import SimpleNamespace
+
+    from answerfirst.export.openvino import CALIBRATION_PAIRS, calibration_pairs
+
+    records = [{"query": f"q{i // 4}", "doc": f"d{i}", "split": "heldout" if i % 4 == 3 else "train"} for i in range(200)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    pairs, source = calibration_pairs(data, None, PAIRS)
+    assert source == str(data) and len(pairs) == CALIBRATION_PAIRS
+    assert pairs[:3] == [("q0", "d0"), ("q0", "d1"), ("q0", "d2")] and ("q0", "d3") not in pairs  # train split only
+    assert calibration_pairs(None, SimpleNamespace(info={"training_data": str(data)}), PAIRS) == (pairs, str(data))
+    gone = SimpleNamespace(info={"training_data": str(tmp_path / "gone.jsonl")})
+    assert calibration_pairs(None, gone, PAIRS) == (list(PAIRS), "the probe pairs")
+    assert calibration_pairs(PAIRS[:2], None, PAIRS) == (list(PAIRS[:2]), "the given pairs")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q0"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: line 1 is not a record"):
+        calibration_pairs(bad, None, PAIRS)
+    bad.write_text('{"query": "q0", "doc": "d0", "split": "heldout"}\n')
+    with pytest.raises(ValueError, match="no train-split"):
+        calibration_pairs(bad, None, PAIRS)
 
 
 def test_openvino_export_scores_like_torch_and_its_manifest_tells_the_truth(openvino_export, tiny_checkpoint):
@@ -102,7 +192,8 @@ def test_broken_ir_is_a_clear_error(openvino_export, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(openvino_export, broken)
-    xml = broken / "score_int8.xml"
-    xml.write_text(xml.read_text()[: len(xml.read_text()) // 2])
-    with pytest.raises(ManifestError, match="score_int8.xml"):
-        answerfirst.load(broken, threads=1)
+    for variant in Manifest.read(broken).variants:
+        xml = broken / variant.file
+        xml.write_text(xml.read_text()[: len(xml.read_text()) // 2])
+        with pytest.raises(ManifestError, match=variant.file):
+            answerfirst.load(broken, variant=variant.name, threads=1)

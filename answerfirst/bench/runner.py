@@ -8,7 +8,8 @@
 Contenders: the peers a user has without answerfirst, (a) naive (Qwen3-Reranker model-card style:
 left-padded full forward, logits[:, -1]), (a') naive-keep1 (the same plus logits_to_keep=1) and
 (a'') llamacpp-rank (llama.cpp's own RANK pooling on our rank GGUF, whole prompts); and ours, (b)
-torch fp32, (c) ONNX fp32, (d) ONNX int8, (d') OpenVINO int8 weights, (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with
+torch fp32 (and bf16 where the CPU computes it fast), (c) ONNX fp32, (d) ONNX int8, (d') OpenVINO int8
+weights and OpenVINO static int8, (e) GGUF F16, Q8_0, Q4_K_M. Each of ours is timed with
 prefix reuse on and off ("reuse" / "noreuse") in the same process, so the prefix-reuse gain is
 measured; a peer has no prefix reuse ("noreuse" only).
 
@@ -80,6 +81,7 @@ CONTENDERS: dict[str, Contender] = {
     "onnx-fp32": Contender("onnx", "fp32", "fp32", "fp32"),
     "onnx-int8": Contender("onnx", "int8", "int8", "int8"),
     "openvino-int8": Contender("openvino", "int8", "int8", "int8"),
+    "openvino-int8-static": Contender("openvino", "int8-static", "int8", "int8"),
     "gguf-f16": Contender("gguf", "f16", "f16", "fp32"),
     "gguf-q8_0": Contender("gguf", "q8_0", "q8_0", "int8"),
     "gguf-q4_k_m": Contender("gguf", "q4_k_m", "q4_k_m", "int8"),
@@ -223,7 +225,7 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
         return Path(given)
     digest = checkpoint_hash(checkpoint)
     out = Path(config.cache_dir) / "exports" / digest[:16] / kind
-    wanted = {"onnx": ("fp32", "int8"), "openvino": ("int8",),
+    wanted = {"onnx": ("fp32", "int8"), "openvino": ("int8", "int8-static"),
               "gguf": (*GGUF_QUANTS, *(q + "-rank" for q in GGUF_QUANTS))}[kind]
     if has_manifest(out):
         try:
