@@ -44,7 +44,13 @@ from answerfirst.export.onnx import (
 from answerfirst.export.parity import log_report, measure, summary
 from answerfirst.extras import missing_extra
 from answerfirst.runtime import Scorer, ScorerConfig
-from answerfirst.runtime._openvino import CompiledGraph, OpenVinoBackend, graph_files, import_openvino, open_graph
+from answerfirst.runtime._openvino import (
+    CompiledGraph,
+    OpenVinoBackend,
+    graph_files,
+    import_openvino,
+    open_graph,
+)
 
 logger = logging.getLogger(__name__)
 
