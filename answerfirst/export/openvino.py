@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,10 @@ def export_openvino(
         logger.info("export openvino: scoring the probe pairs with %s", path.name)
         compiled = open_graph(path, threads)
         scorer = Scorer(OpenVinoBackend(compiled, prompts.pad_id, str(path)), prompts, ScorerConfig(), None)
-        report = measure(ref_scores, lambda: scorer.score_pairs(pairs), INT8_THRESHOLDS)
+        report = measure(ref_scores, partial(scorer.score_pairs, pairs), INT8_THRESHOLDS)
         report["inference_precision"] = compiled.precision
         log_report(f"openvino {name}", report)
         variants.append(Variant(name, path.name, quantization, report))
-        del scorer, compiled
     info: dict[str, Any] = {
         "exporter": "torch.onnx (TorchScript) -> OpenVINO IR", "openvino": ov.__version__, "nncf": nncf.__version__,
         "weights": "int8, asymmetric, per output channel (nncf INT8_ASYM); embedding and grade head included",
