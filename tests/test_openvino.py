@@ -91,7 +91,7 @@ def test_static_variant_quantizes_the_linear_layers_and_int8_kernels_compute_its
     attention scores out, which attention_mask_as_select prevents."""
     import openvino as ov
 
-    from answerfirst.export.openvino import calibration_feeds, static_int8, vocabulary_head_on_weights
+    from answerfirst.export.openvino import calibration_feeds, scoring_graph, static_int8
 
     manifest = Manifest.read(openvino_export)
     assert manifest.info["calibration"] == {"source": "the probe pairs", "pairs": len(PAIRS)}
@@ -114,9 +114,7 @@ def test_static_variant_quantizes_the_linear_layers_and_int8_kernels_compute_its
     # int8 kernels against f32 FakeQuantize: rounding (measured 0.07 of the largest value here)
     assert _relative_gap(static, document_pass) < 0.15
 
-    traced = ov.Core().read_model(str(tiny_onnx_export / "score_fp32.onnx"))
-    vocabulary_head_on_weights(traced)  # the mask left as traced
-    as_traced = static_int8(traced, feeds)
+    as_traced = static_int8(scoring_graph(tiny_onnx_export / "score_fp32.onnx", mask_as_select=False), feeds)
     gap = _relative_gap(as_traced, document_pass)
     assert gap > 0.3, gap  # measured 0.57: the attention scores were lost
 
