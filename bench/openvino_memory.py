@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --batch-tokens 4096
-    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static --constants
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --set '{"INFERENCE_PRECISION_HINT": "f32"}'
 
 Loads the export's int8 variant, or --variant's (its compile settings from runtime/_openvino.py: compile_config, with
@@ -10,12 +10,15 @@ Loads the export's int8 variant, or --variant's (its compile settings from runti
 (bench/fused_kernels.py's `documents`), and prints this process's VmHWM (peak RSS) and VmRSS, with
 its anonymous and file-backed parts, after the load and after each call. The documents are 50-149
 words each (W-like in size, not W). Run one setting per process: the peak never comes down.
+--constants also lists the compiled model's constants of over 50 MB and the constants' total size
+per precision, as the CPU plugin holds them after the compile.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export", help="an OpenVINO export directory (make bench caches one)")
     parser.add_argument("--set", default="{}", help="CPU plugin settings as JSON, on top of the backend's")
     parser.add_argument("--variant", default="int8", help="the export's variant (int8, int8-static)")
+    parser.add_argument("--constants", action="store_true", help="list the compiled model's large constants")
     parser.add_argument("--batch-tokens", type=int, default=None, help="ScorerConfig.batch_tokens (default: the backend's, 1024 on a CPU)")
     args = parser.parse_args(argv)
 
@@ -43,8 +47,30 @@ def main(argv: list[str] | None = None) -> int:
     backend_config = _openvino.compile_config
     _openvino.compile_config = lambda threads, cpu: {**backend_config(threads, cpu), **extra}
     scorer = answerfirst.load(args.export, variant=args.variant, config=ScorerConfig(batch_tokens=args.batch_tokens))
+    if args.constants:
+        print_constants(scorer.backend.session.compiled)
     score_two_queries(scorer, f"variant {args.variant}, settings {extra}")
     return 0
+
+
+BYTES = {"f32": 4, "i32": 4, "i64": 8, "bf16": 2, "f16": 2, "i8": 1, "u8": 1, "boolean": 1}
+
+
+def print_constants(compiled) -> None:
+    """The compiled model's constants (its runtime graph's Const nodes) of over 50 MB, and the total
+    per precision."""
+    totals: dict[str, float] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        shape = op.get_output_partial_shape(0)
+        if str(info["layerType"].astype(str)) != "Const" or not shape.is_static:
+            continue
+        precision = str(info["outputPrecisions"].astype(str))
+        megabytes = math.prod(d.get_length() for d in shape) * BYTES.get(precision, 4) / 1e6
+        totals[precision] = totals.get(precision, 0.0) + megabytes
+        if megabytes > 50:
+            print(f"constant {op.get_friendly_name()} {shape} {precision}: {megabytes:.0f} MB")
+    print("constants per precision: " + ", ".join(f"{p} {mb:.0f} MB" for p, mb in sorted(totals.items()) if mb >= 1))
 
 
 def score_two_queries(scorer, label: str) -> None:
