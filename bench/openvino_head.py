@@ -48,13 +48,12 @@ def measure(ir: Path, export_dir: Path, batch_tokens: int | None) -> None:
     from openvino_memory import score_two_queries
 
     from answerfirst.artifact import Manifest, bind_format
-    from answerfirst.runtime import Scorer, ScorerConfig
-    from answerfirst.runtime._openvino import OpenVinoBackend, open_graph
+    from answerfirst.export.openvino import ir_scorer
+    from answerfirst.runtime import ScorerConfig
     from answerfirst.runtime._tokenizer import ArtifactTokenizer
 
     prompts = bind_format(ArtifactTokenizer.from_dir(export_dir), Manifest.read(export_dir), str(export_dir), None)
-    backend = OpenVinoBackend(open_graph(ir, None), pad_id=prompts.pad_id, where=str(ir))
-    score_two_queries(Scorer(backend, prompts, ScorerConfig(batch_tokens=batch_tokens), None), str(ir))
+    score_two_queries(ir_scorer(ir, prompts, None, ScorerConfig(batch_tokens=batch_tokens)), str(ir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,12 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         INT8_FILE,
         calibration_feeds,
         calibration_pairs,
+        ir_scorer,
         scoring_graph,
         static_int8,
     )
     from answerfirst.export.parity import measure, summary
-    from answerfirst.runtime import Scorer, ScorerConfig
-    from answerfirst.runtime._openvino import OpenVinoBackend, open_graph
 
     manifest = Manifest.read(args.export)
     pairs = [tuple(pair) for pair in manifest.info["probe_pairs"]]
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             graph = scoring_graph(traced, mask_as_select=rewrite)
             ir = Path(work) / f"static-{rewrite}.xml"
             ov.save_model(static_int8(graph, feeds), str(ir), compress_to_fp16=False)
-            scorer = Scorer(OpenVinoBackend(open_graph(ir, None), prompts.pad_id, str(ir)), prompts, ScorerConfig(), None)
-            report = measure(reference_scores, partial(scorer.score_pairs, pairs), INT8_THRESHOLDS)
+            report = measure(reference_scores, partial(ir_scorer(ir, prompts, None).score_pairs, pairs), INT8_THRESHOLDS)
             print(f"static int8, {label}: {summary(report)} over {len(pairs)} probe pairs (calibration: {source})"
                   f" -> {'passed' if report['passed'] else 'FAILED'}", flush=True)
     return 0

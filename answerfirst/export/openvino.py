@@ -123,10 +123,9 @@ def export_openvino(
     variants = []
     for name, path, quantization in (("int8-static", static_path, "int8-static"), ("int8", int8_path, "int8-weights")):
         logger.info("export openvino: scoring the probe pairs with %s", path.name)
-        compiled = open_graph(path, threads)
-        scorer = Scorer(OpenVinoBackend(compiled, prompts.pad_id, str(path)), prompts, ScorerConfig(), None)
+        scorer = ir_scorer(path, prompts, threads)
         report = measure(ref_scores, partial(scorer.score_pairs, pairs), INT8_THRESHOLDS)
-        report["inference_precision"] = compiled.precision
+        report["inference_precision"] = scorer.backend.session.precision
         log_report(f"openvino {name}", report)
         variants.append(Variant(name, path.name, quantization, report))
     info: dict[str, Any] = {
@@ -202,16 +201,18 @@ class _RecordingGraph:
         return getattr(self.graph, name)
 
 
+def ir_scorer(ir: Path, prompts: Any, threads: int | None, config: ScorerConfig | None = None) -> Scorer:
+    """A Scorer over one IR file, outside an export's manifest (the export's parity and calibration
+    runs, the bench scripts that compare IRs)."""
+    return Scorer(OpenVinoBackend(open_graph(ir, threads), prompts.pad_id, str(ir)), prompts, config or ScorerConfig(), None)
+
+
 def calibration_feeds(ir: Path, prompts: Any, pairs: Sequence[tuple[str, str]], threads: int | None) -> list[dict[str, np.ndarray]]:
     """The inputs of every graph run when `ir` scores `pairs`, one score() call per query as in use
     (prefix passes and document passes both)."""
-    recording = _RecordingGraph(open_graph(ir, threads))
-    scorer = Scorer(OpenVinoBackend(recording, prompts.pad_id, str(ir)), prompts, ScorerConfig(), None)
-    by_query: dict[str, list[str]] = {}
-    for query, doc in pairs:
-        by_query.setdefault(query, []).append(doc)
-    for query, docs in by_query.items():
-        scorer.score(query, docs)
+    scorer = ir_scorer(ir, prompts, threads)
+    recording = scorer.backend.session = _RecordingGraph(scorer.backend.session)
+    scorer.score_pairs(pairs)
     return recording.feeds
 
 
@@ -309,5 +310,5 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = [
     "INT8_THRESHOLDS", "attention_mask_as_select", "calibration_feeds", "calibration_pairs", "export_openvino",
-    "scoring_graph", "static_int8",
+    "ir_scorer", "scoring_graph", "static_int8",
 ]
