@@ -50,10 +50,11 @@ def measure(ir: Path, export_dir: Path, batch_tokens: int | None) -> None:
     from answerfirst.artifact import Manifest, bind_format
     from answerfirst.export.openvino import ir_scorer
     from answerfirst.runtime import ScorerConfig
+    from answerfirst.runtime._openvino import open_graph
     from answerfirst.runtime._tokenizer import ArtifactTokenizer
 
     prompts = bind_format(ArtifactTokenizer.from_dir(export_dir), Manifest.read(export_dir), str(export_dir), None)
-    score_two_queries(ir_scorer(ir, prompts, None, ScorerConfig(batch_tokens=batch_tokens)), str(ir))
+    score_two_queries(ir_scorer(open_graph(ir, None), prompts, ir, ScorerConfig(batch_tokens=batch_tokens)), str(ir))
 
 
 def main(argv: list[str] | None = None) -> int:

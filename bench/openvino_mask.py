@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         static_int8,
     )
     from answerfirst.export.parity import measure, summary
+    from answerfirst.runtime._openvino import open_graph
 
     manifest = Manifest.read(args.export)
     pairs = [tuple(pair) for pair in manifest.info["probe_pairs"]]
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             graph = scoring_graph(traced, mask_as_select=rewrite)
             ir = Path(work) / f"static-{rewrite}.xml"
             ov.save_model(static_int8(graph, feeds), str(ir), compress_to_fp16=False)
-            report = measure(reference_scores, partial(ir_scorer(ir, prompts, None).score_pairs, pairs), INT8_THRESHOLDS)
+            report = measure(reference_scores, partial(ir_scorer(open_graph(ir, None), prompts, ir).score_pairs, pairs), INT8_THRESHOLDS)
             print(f"static int8, {label}: {summary(report)} over {len(pairs)} probe pairs (calibration: {source})"
                   f" -> {'passed' if report['passed'] else 'FAILED'}", flush=True)
     return 0

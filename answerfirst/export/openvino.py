@@ -123,9 +123,9 @@ def export_openvino(
     variants = []
     for name, path, quantization in (("int8-static", static_path, "int8-static"), ("int8", int8_path, "int8-weights")):
         logger.info("export openvino: scoring the probe pairs with %s", path.name)
-        scorer = ir_scorer(path, prompts, threads)
-        report = measure(ref_scores, partial(scorer.score_pairs, pairs), INT8_THRESHOLDS)
-        report["inference_precision"] = scorer.backend.session.precision
+        compiled = open_graph(path, threads)
+        report = measure(ref_scores, partial(ir_scorer(compiled, prompts, path).score_pairs, pairs), INT8_THRESHOLDS)
+        report["inference_precision"] = compiled.precision
         log_report(f"openvino {name}", report)
         variants.append(Variant(name, path.name, quantization, report))
     info: dict[str, Any] = {
@@ -201,18 +201,17 @@ class _RecordingGraph:
         return getattr(self.graph, name)
 
 
-def ir_scorer(ir: Path, prompts: Any, threads: int | None, config: ScorerConfig | None = None) -> Scorer:
-    """A Scorer over one IR file, outside an export's manifest (the export's parity and calibration
-    runs, the bench scripts that compare IRs)."""
-    return Scorer(OpenVinoBackend(open_graph(ir, threads), prompts.pad_id, str(ir)), prompts, config or ScorerConfig(), None)
+def ir_scorer(graph: Any, prompts: Any, ir: Path, config: ScorerConfig | None = None) -> Scorer:
+    """A Scorer over one compiled IR (`open_graph(ir, threads)`), outside an export's manifest: the
+    export's parity and calibration runs, the bench scripts that compare IRs."""
+    return Scorer(OpenVinoBackend(graph, prompts.pad_id, str(ir)), prompts, config or ScorerConfig(), None)
 
 
 def calibration_feeds(ir: Path, prompts: Any, pairs: Sequence[tuple[str, str]], threads: int | None) -> list[dict[str, np.ndarray]]:
     """The inputs of every graph run when `ir` scores `pairs`, one score() call per query as in use
     (prefix passes and document passes both)."""
-    scorer = ir_scorer(ir, prompts, threads)
-    recording = scorer.backend.session = _RecordingGraph(scorer.backend.session)
-    scorer.score_pairs(pairs)
+    recording = _RecordingGraph(open_graph(ir, threads))
+    ir_scorer(recording, prompts, ir).score_pairs(pairs)
     return recording.feeds
 
 
