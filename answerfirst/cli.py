@@ -43,7 +43,7 @@ VERBS: dict[str, Verb] = {
     "explain": Verb(_RUNTIME_VERBS, None, "stream the explanation of one (query, document) pair", one_shot=True),
     "verify": Verb(_RUNTIME_VERBS, None, "check an artifact's files: sizes, structure and the sha256 its manifest recorded", one_shot=True),
     "bench": Verb("answerfirst.bench.runner", "bench", "latency benchmark of every backend against a naive baseline"),
-    "profile": Verb("answerfirst.bench.profile", "onnx", "where an ONNX export's scoring time goes, per operator type", one_shot=True),
+    "profile": Verb("answerfirst.bench.profile", None, "where an ONNX or OpenVINO export's scoring time goes, per operator type", one_shot=True),
     "demo": Verb("answerfirst.demo.app", "demo", "open the Gradio demo page"),
     "serve": Verb("answerfirst.serve.cli", "serve", "rerank HTTP service: Cohere/Jina and TEI APIs, streamed explanations, metrics"),
     "serve-bench": Verb("answerfirst.bench.serving", "bench", "throughput and p50/p99 latency of a running server vs concurrency"),

@@ -135,6 +135,34 @@ def test_batch_equals_single(onnx_export, fp32_scorer):
     np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
 
 
+def test_even_spans_give_the_prefixs_last_token_to_every_document_and_change_no_score(onnx_export, fp32_scorer):
+    """even_spans (on where the compute is bf16: odd attention spans ran 3x slower there) splits the
+    same prompts otherwise: an odd prefix's last token opens every continuation, and each pass is
+    padded to an even length. The fp32 graph scores them as before."""
+    from answerfirst.runtime._common import even_spans, right_padded
+
+    prompts = fp32_scorer.prompts.prompts(QUERY, DOCS[:3])
+    prefix, continuations = prompts[0].prefix_ids, [p.continuation_ids for p in prompts]
+    assert len(prefix) % 2 == 1  # the case the graph is run on below
+    assert even_spans(prefix[:4], continuations) == (prefix[:4], continuations)
+    shorter, moved = even_spans(prefix[:5], continuations)
+    assert list(shorter) == list(prefix[:4]) and [list(c) for c in moved] == [[prefix[4], *c] for c in continuations]
+    assert even_spans(prefix[:1], continuations) == (prefix[:1], continuations)
+    assert even_spans(None, continuations) == (None, continuations)
+    assert right_padded([[1, 2, 3], [4]], 0).tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert right_padded([[1, 2, 3], [4]], 0, even=True).tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
+    assert right_padded([[1, 2], [4]], 0, even=True).tolist() == [[1, 2], [4, 0]]
+
+    scorer = answerfirst.load(onnx_export, variant="fp32", config=ScorerConfig(batch_size=2))
+    scorer.backend.even_spans = True
+    feeds, run = [], scorer.backend.session.run
+    scorer.backend.session.run = lambda names, feed: feeds.append(feed) or run(names, feed)
+    np.testing.assert_allclose(as_array(scorer.score(QUERY, DOCS)), as_array(fp32_scorer.score(QUERY, DOCS)), atol=1e-6)
+    assert len(feeds) == 4  # the prefix, then 3 passes of 2 + 2 + 1 documents
+    assert {feed["input_ids"].shape[1] % 2 for feed in feeds} == {0}
+    assert {feed["past_key.0"].shape[2] for feed in feeds[1:]} == {len(prefix) - 1}
+
+
 def test_prefix_kv_is_shared_not_copied(fp32_scorer):
     """The graph broadcasts ONE (1, kv, P, d) prefix KV over the batch and returns no KV while scoring."""
     backend = fp32_scorer.backend
@@ -307,14 +335,14 @@ def test_kernel_time_is_summed_per_op_type_from_the_given_start():
 
 @pytest.mark.parametrize("docs", [4, 20])
 def test_profile_covers_one_scoring_call_of_the_int8_graph(onnx_export, docs):
-    from answerfirst.bench.profile import markdown, profile_onnx
+    from answerfirst.bench.profile import markdown, profile_export
     from answerfirst.bench.workload import workload_w
 
     scorer = answerfirst.load(onnx_export, variant="int8", threads=1)
     workload = workload_w(scorer.prompts, docs)
     passes = len(scorer.plan(workload.query, workload.docs).passes)  # under the backend's default budget
     assert passes > 1 or docs == 4
-    profile = profile_onnx(onnx_export, variant="int8", docs=docs, threads=1)
+    profile = profile_export(onnx_export, variant="int8", docs=docs, threads=1)
     runs = 1 + passes
     assert profile["session_runs"] == runs  # the prefix + one run per pass; the warm-up is left out
     ops = {row["op"] for row in profile["ops"]}

@@ -34,10 +34,16 @@ def test_export_records_ir_files_and_parity_measured_with_this_cpus_precision(op
     manifest = Manifest.read(openvino_export)
     assert manifest.kind == "openvino" and [v.name for v in manifest.variants] == ["int8-static", "int8"]
     assert manifest.source == {"model": str(tiny_checkpoint), "sha256": checkpoint_hash(tiny_checkpoint)}
-    parity = manifest.variants[0].parity
-    assert parity["passed"], parity
-    assert parity["inference_precision"] == inference_precision(features())
-    assert parity["thresholds"]["max_abs_dp"] == INT8_THRESHOLDS.max_abs_dp
+    # The tiny random model's expected grades on the shared pairs lie within 0.33 of each other, two of
+    # them 0.007 apart: under static int8's rounding here (up to 0.014), so its rank correlation on them
+    # is a coin toss. Every variant is held to the error and agreement bounds, int8 weights (error
+    # 0.004) to the whole check; static int8's ranking is measured on the learned student (README).
+    for variant in manifest.variants:
+        parity = variant.parity
+        assert parity["inference_precision"] == inference_precision(features())
+        assert parity["thresholds"]["max_abs_dp"] == INT8_THRESHOLDS.max_abs_dp
+        assert parity["grade_agreement"] == 1.0 and parity["max_abs_dp"] < INT8_THRESHOLDS.max_abs_dp / 10, parity
+    assert manifest.variant("int8").parity["passed"], manifest.variant("int8").parity
     assert {"score_int8.xml", "score_int8.bin", "tokenizer.json"} <= set(manifest.info["files_sha256"])
     assert not list(openvino_export.glob(".trace-*")), "the temporary ONNX graph must be removed"
 
@@ -148,7 +154,7 @@ def test_openvino_export_scores_like_torch_and_its_manifest_tells_the_truth(open
     assert scorer.backend.name == "openvino"
     got = as_array(scorer.score_pairs(PAIRS))
     reference = as_array(answerfirst.load(tiny_checkpoint).score_pairs(PAIRS))
-    recorded = Manifest.read(openvino_export).variants[0].parity
+    recorded = Manifest.read(openvino_export).variant(None).parity  # of the variant load() runs
     assert np.abs(got - reference).max() == pytest.approx(recorded["max_abs_dp"], abs=1e-6)
     assert (got.argmax(1) == reference.argmax(1)).all()
     # prefix reuse changes the schedule, not the numbers (beyond the compute precision's rounding)
@@ -195,3 +201,39 @@ def test_broken_ir_is_a_clear_error(openvino_export, tmp_path):
         xml.write_text(xml.read_text()[: len(xml.read_text()) // 2])
         with pytest.raises(ManifestError, match=variant.file):
             answerfirst.load(broken, variant=variant.name, threads=1)
+
+
+@pytest.mark.parametrize("variant", ["int8-static", "int8"])
+def test_profile_times_every_node_of_one_scoring_call(openvino_export, variant):
+    """`answerfirst profile` on an OpenVINO export: the CPU plugin's counters over the prefix run and one
+    run per pass (the warm-up left out), per op type and the kernel that ran it."""
+    from answerfirst.bench.profile import markdown, profile_export
+    from answerfirst.bench.workload import workload_w
+
+    scorer = answerfirst.load(openvino_export, variant=variant, threads=1)
+    workload = workload_w(scorer.prompts, 20)
+    passes = len(scorer.plan(workload.query, workload.docs).passes)
+    assert passes > 1
+    profile = profile_export(openvino_export, variant=variant, docs=20, threads=1)
+    assert profile["engine"] == "openvino" and profile["session_runs"] == 1 + passes
+    ops = {row["op"] for row in profile["ops"]}
+    assert any(op.startswith(("FullyConnected", "MatMul")) for op in ops), ops  # the linear layers ran
+    assert all(op.endswith("]") and " [" in op for op in ops), ops  # each names its kernel
+    assert 0 < profile["kernel_seconds"] <= profile["wall_seconds"]
+    assert sum(row["share"] for row in profile["ops"]) == pytest.approx(1.0)
+    assert f"{1 + passes} session runs" in markdown(profile)
+
+
+def test_the_cpu_plugin_runs_each_rotary_embedding_as_one_node(openvino_export):
+    """The graph's cos/sin are rank 4 like q and k, the form OpenVINO's rotary fusion matches: each
+    layer's q and k rotation compiles to one RoPE node, not the split / negate / concat / multiply /
+    add chain (which a (T, d) cos/sin left in place, ten ops a layer)."""
+    import openvino as ov
+
+    from answerfirst.runtime._openvino import compile_config
+
+    layers = answerfirst.load(openvino_export, threads=1).backend.num_layers
+    for variant in Manifest.read(openvino_export).variants:
+        compiled = ov.Core().compile_model(str(openvino_export / variant.file), "CPU", compile_config(1, features()))
+        kinds = [str(op.get_rt_info()["layerType"].astype(str)) for op in compiled.get_runtime_model().get_ordered_ops()]
+        assert kinds.count("RoPE") == 2 * layers, (variant.name, sorted(set(kinds)))

@@ -25,7 +25,13 @@ import numpy as np
 
 from answerfirst.artifact import Manifest, ManifestError, Variant, bind_format, check_file_sizes
 from answerfirst.extras import missing_extra
-from answerfirst.runtime._common import GRAPH_CPU_BATCH_TOKENS, PrefixCache, ScorerConfig
+from answerfirst.runtime._common import (
+    GRAPH_CPU_BATCH_TOKENS,
+    PrefixCache,
+    ScorerConfig,
+    even_spans,
+    right_padded,
+)
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,6 +109,7 @@ class OnnxBackend:
 
     name = "onnx"
     default_batch_tokens = GRAPH_CPU_BATCH_TOKENS  # the CPU execution provider (OpenVinoBackend: its CPU plugin)
+    even_spans = False  # an even prefix and pass length (_common.py: right_padded says why); set on bf16 compute
 
     def __init__(self, session: Any, pad_id: int, where: str = "graph", reopen: Callable[[int], Any] | None = None):
         self.session = session
@@ -151,12 +158,12 @@ class OnnxBackend:
     # -- scoring ---------------------------------------------------------------------------------
 
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.even_spans:
+            prefix_ids, continuations = even_spans(prefix_ids, continuations)
         lengths = np.array([len(c) for c in continuations], dtype=np.int64)
         if lengths.min() < 1:
             raise ValueError("every continuation needs at least one token")
-        input_ids = np.full((len(continuations), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for row, ids in enumerate(continuations):
-            input_ids[row, : len(ids)] = ids  # (B, T) right-padded: causal attention never sees later pads
+        input_ids = right_padded(continuations, self.pad_id, self.even_spans)
         past = self._empty_feed() if prefix_ids is None else self.prefix_cache.get(prefix_ids, self._run_prefix)
         (grade_logits,) = self.session.run(
             ["grade_logits"],

@@ -29,7 +29,7 @@ import numpy as np
 
 from answerfirst.artifact import Manifest, ManifestError, bind_format
 from answerfirst.extras import missing_extra, requires
-from answerfirst.runtime._common import CPU_BATCH_TOKENS, PrefixCache, ScorerConfig
+from answerfirst.runtime._common import CPU_BATCH_TOKENS, PrefixCache, ScorerConfig, right_padded
 
 with requires("torch", "the torch backend"):
     import torch
@@ -92,10 +92,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def grade_logits(self, prefix_ids: Sequence[int] | None, continuations: Sequence[Sequence[int]]) -> np.ndarray:
-        padded = np.full((len(continuations), max(len(c) for c in continuations)), self.pad_id, dtype=np.int64)
-        for row, ids in enumerate(continuations):
-            padded[row, : len(ids)] = ids  # a numpy row copy: 4x faster than torch.tensor(lists) at 250 x 260
-        input_ids = torch.from_numpy(padded).to(self.device)  # (B, T) right-padded
+        input_ids = torch.from_numpy(right_padded(continuations, self.pad_id)).to(self.device)  # (B, T)
         rows = torch.arange(len(continuations), device=self.device)
         last = torch.tensor([len(c) - 1 for c in continuations], device=self.device)  # (B,) each row's last real token
 
