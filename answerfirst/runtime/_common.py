@@ -140,8 +140,8 @@ def even_spans(
 def right_padded(continuations: Sequence[Sequence[int]], pad_id: int, even: bool = False) -> np.ndarray:
     """(B, T) int64 token ids, each row right-padded with pad_id to the longest, so causal attention
     never sees a row's pads; even=True: T rounded up to an even number. The prefix length and T are
-    the reduction dimension of attention's probabilities @ V, and AMX bf16 kernels take it in pairs:
-    an odd one ran 3x slower (bench/odd_spans.py)."""
+    the reduction dimension of attention's probabilities @ V, and with an odd one OpenVINO's AMX bf16
+    matmul ran about 4x slower (bench/odd_spans.py; bf16 values are paired along it in AMX tiles)."""
     width = max(len(ids) for ids in continuations)
     padded = np.full((len(continuations), width + (width % 2 if even else 0)), pad_id, dtype=np.int64)
     for row, ids in enumerate(continuations):

@@ -109,7 +109,7 @@ class OnnxBackend:
 
     name = "onnx"
     default_batch_tokens = GRAPH_CPU_BATCH_TOKENS  # the CPU execution provider (OpenVinoBackend: its CPU plugin)
-    even_spans = False  # an even prefix and pass length (_common.py: right_padded says why); set on bf16 compute
+    even_spans = False  # an even prefix and pass length (_common.py: right_padded); OpenVinoBackend's on bf16
 
     def __init__(self, session: Any, pad_id: int, where: str = "graph", reopen: Callable[[int], Any] | None = None):
         self.session = session
