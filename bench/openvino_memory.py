@@ -4,6 +4,7 @@
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --batch-tokens 4096
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static --constants
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --set '{"INFERENCE_PRECISION_HINT": "f32"}'
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static --bench-sequence
 
 Loads the export's int8 variant, or --variant's (its compile settings from runtime/_openvino.py: compile_config, with
 --set's entries on top), then scores one document and two queries of 32 product-word documents
@@ -11,7 +12,9 @@ Loads the export's int8 variant, or --variant's (its compile settings from runti
 its anonymous and file-backed parts, after the load and after each call. The documents are 50-149
 words each (W-like in size, not W). Run one setting per process: the peak never comes down.
 --constants also lists the compiled model's constants of over 50 MB and the constants' total size
-per precision, as the CPU plugin holds them after the compile.
+per precision, as the CPU plugin holds them after the compile. --bench-sequence scores what one
+`make bench` worker scores instead, in its order: the warm-up (W's first 4 documents with prefix
+reuse, then without), then W with reuse and W without, each call timed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -37,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="int8", help="the export's variant (int8, int8-static)")
     parser.add_argument("--constants", action="store_true", help="list the compiled model's large constants")
     parser.add_argument("--batch-tokens", type=int, default=None, help="ScorerConfig.batch_tokens (default: the backend's, 1024 on a CPU)")
+    parser.add_argument("--bench-sequence", action="store_true", help="score make bench's sequence of calls on W instead")
     args = parser.parse_args(argv)
 
     import answerfirst
@@ -49,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     scorer = answerfirst.load(args.export, variant=args.variant, config=ScorerConfig(batch_tokens=args.batch_tokens))
     if args.constants:
         print_constants(scorer.backend.session.compiled)
-    score_two_queries(scorer, f"variant {args.variant}, settings {extra}")
+    label = f"variant {args.variant}, settings {extra}"
+    if args.bench_sequence:
+        score_bench_sequence(scorer, label)
+    else:
+        score_two_queries(scorer, label)
     return 0
 
 
@@ -88,6 +97,25 @@ def score_two_queries(scorer, label: str) -> None:
         start = time.perf_counter()
         scorer.score(f"query {q} grey power bank", docs)
         print(f"query {q}: {time.perf_counter() - start:.1f} s  {memory()}")
+
+
+def score_bench_sequence(scorer, label: str) -> None:
+    """The calls one `make bench` worker makes on W (answerfirst/bench/runner.py: its warm-up, then
+    the timed queries), each a new query (its prefix computed), with the memory after each."""
+    import answerfirst
+    from answerfirst.bench.runner import BenchConfig
+    from answerfirst.bench.workload import workload_w
+
+    workload = workload_w(scorer.prompts)
+    warm = workload.head(BenchConfig().warmup_docs)
+    no_reuse = answerfirst.Scorer(scorer.backend, scorer.prompts, replace(scorer.config, reuse_prefix=False), scorer.manifest)
+    print(f"{label}, batch_tokens {scorer.config.batch_tokens}; loaded: {memory()}")
+    for name, load, mode in (("warm-up", warm, scorer), ("warm-up", warm, no_reuse), ("W", workload, scorer), ("W", workload, no_reuse)):
+        scorer.backend.forget_prefixes()
+        start = time.perf_counter()
+        mode.score(load.query, load.docs)
+        reuse = "reuse" if mode is scorer else "no reuse"
+        print(f"{name} ({len(load.docs)} documents, {reuse}): {time.perf_counter() - start:.1f} s  {memory()}")
 
 
 if __name__ == "__main__":
