@@ -17,6 +17,18 @@ import time
 import numpy as np
 
 
+def timed_query(scorer, workload) -> tuple[float, np.ndarray]:
+    """Score W as a new query (its prefix computed, as in make bench): seconds, expected grades."""
+    scorer.backend.forget_prefixes()
+    started = time.perf_counter()
+    scores = scorer.score(workload.query, workload.docs)
+    return time.perf_counter() - started, np.array([s.expected for s in scores])
+
+
+def times(seconds: list[float]) -> str:
+    return f"W in {statistics.median(seconds):.2f} s (median; {', '.join(f'{s:.2f}' for s in seconds)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("old", help="an export directory (ONNX or OpenVINO)")
@@ -40,14 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         workload = loads[round_ % 2]
         for name, scorer in scorers.items():
-            scorer.backend.forget_prefixes()
-            started = time.perf_counter()
-            scores = scorer.score(workload.query, workload.docs)
-            seconds[name].append(time.perf_counter() - started)
-            expected[name] = np.array([s.expected for s in scores])
+            elapsed, expected[name] = timed_query(scorer, workload)
+            seconds[name].append(elapsed)
     for name, path in (("old", args.old), ("new", args.new)):
-        print(f"{name} {path}: W in {statistics.median(seconds[name]):.2f} s (median; "
-              f"{', '.join(f'{s:.2f}' for s in seconds[name])})")
+        print(f"{name} {path}: {times(seconds[name])}")
     print(f"largest difference of expected grades: {np.abs(expected['new'] - expected['old']).max():.4f}")
     return 0
 

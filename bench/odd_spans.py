@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed W queries per setting")
     args = parser.parse_args(argv)
 
+    from export_ab import timed_query, times
+
     import answerfirst
     from answerfirst.bench.workload import workload_w
 
@@ -68,14 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for even in (False, True):
             scorer.backend.even_spans = even
-            scorer.backend.forget_prefixes()  # each query computes its prefix, as in make bench
-            started = time.perf_counter()
-            scores = scorer.score(workload.query, workload.docs)
-            seconds[even].append(time.perf_counter() - started)
-            expected[even] = np.array([s.expected for s in scores])
+            elapsed, expected[even] = timed_query(scorer, workload)
+            seconds[even].append(elapsed)
     for even in (False, True):
-        print(f"even_spans {str(even):5}: W in {statistics.median(seconds[even]):.2f} s (median; "
-              f"{', '.join(f'{s:.2f}' for s in seconds[even])})")
+        print(f"even_spans {str(even):5}: {times(seconds[even])}")
     print(f"largest difference of expected grades: {np.abs(expected[True] - expected[False]).max():.4f}")
     return 0
 
