@@ -136,7 +136,7 @@ def test_batch_equals_single(onnx_export, fp32_scorer):
 
 
 def test_even_spans_give_the_prefixs_last_token_to_every_document_and_change_no_score(onnx_export, fp32_scorer):
-    """even_spans (on where the compute is bf16: odd attention spans ran 3x slower there) splits the
+    """even_spans (on where OpenVINO computes in bf16: odd attention spans ran ~4x slower there) splits the
     same prompts otherwise: an odd prefix's last token opens every continuation, and each pass is
     padded to an even length. The fp32 graph scores them as before."""
     from answerfirst.runtime._common import even_spans, right_padded

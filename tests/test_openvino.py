@@ -157,6 +157,16 @@ def test_openvino_export_scores_like_torch_and_its_manifest_tells_the_truth(open
     recorded = Manifest.read(openvino_export).variant(None).parity  # of the variant load() runs
     assert np.abs(got - reference).max() == pytest.approx(recorded["max_abs_dp"], abs=1e-6)
     assert (got.argmax(1) == reference.argmax(1)).all()
+    # on bf16 compute every pass spans an even number of tokens, prefix and documents (_common.py: right_padded)
+    bf16 = scorer.backend.session.precision == "bf16"
+    assert scorer.backend.even_spans == bf16
+    feeds, run = [], scorer.backend.session.run
+    scorer.backend.session.run = lambda names, feed: feeds.append(feed) or run(names, feed)
+    scorer.backend.forget_prefixes()
+    scorer.score(QUERY, DOCS)
+    spans = {feed["input_ids"].shape[1] % 2 for feed in feeds} | {feed["past_key.0"].shape[2] % 2 for feed in feeds}
+    assert len(feeds) >= 2 and (spans == {0} or not bf16), spans
+    scorer.backend.session.run = run
     # prefix reuse changes the schedule, not the numbers (beyond the compute precision's rounding)
     no_reuse = answerfirst.Scorer(scorer.backend, scorer.prompts,
                                   answerfirst.ScorerConfig(reuse_prefix=False), scorer.manifest)
