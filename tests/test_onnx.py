@@ -15,7 +15,7 @@ from pairs import DOCS, PAIRS, QUERY, as_array
 
 import answerfirst
 from answerfirst.afrl import FormatError
-from answerfirst.artifact import Manifest, ManifestError
+from answerfirst.artifact import Manifest, ManifestError, checkpoint_hash
 from answerfirst.runtime.api import ScorerConfig
 
 pytest.importorskip("onnxruntime")
@@ -102,6 +102,35 @@ def test_resume_reuses_the_fp32_graph_of_the_same_weights(tiny_checkpoint, expor
     export_onnx(tiny_checkpoint, export_copy, int8=False, probe_pairs=PAIRS[:2])
     assert (export_copy / FP32_FILE).stat().st_mtime_ns == before
     assert [v.name for v in Manifest.read(export_copy).variants] == ["fp32"]
+
+
+def test_a_graph_of_an_earlier_exporter_revision_is_made_again(tiny_checkpoint, export_copy):
+    """The same weights, an older graph: neither the export's resume nor make bench's export cache
+    takes it for this exporter's (GRAPH_REVISION)."""
+    import onnx
+
+    from answerfirst.bench.runner import stale_export
+    from answerfirst.export.onnx import FP32_FILE, GRAPH_REVISION, META_GRAPH_REVISION, export_onnx
+
+    manifest = Manifest.read(export_copy)
+    digest, wanted = checkpoint_hash(tiny_checkpoint), ("fp32", "int8")
+    assert manifest.info["graph_revision"] == GRAPH_REVISION
+    assert stale_export(manifest, "onnx", digest, wanted) is None
+    assert "other weights" in stale_export(manifest, "onnx", "0" * 64, wanted)
+    assert "lacks variant(s) q8_0" in stale_export(manifest, "onnx", digest, ("fp32", "q8_0"))
+    manifest.info.pop("graph_revision")  # what an export before the revision was recorded says
+    assert stale_export(manifest, "onnx", digest, wanted) == f"its graph is revision 1, this exporter writes {GRAPH_REVISION}"
+
+    graph = onnx.load(str(export_copy / FP32_FILE))
+    for prop in graph.metadata_props:
+        if prop.key == META_GRAPH_REVISION:
+            prop.value = "1"
+    onnx.save(graph, str(export_copy / FP32_FILE))
+    before = (export_copy / FP32_FILE).stat().st_mtime_ns
+    export_onnx(tiny_checkpoint, export_copy, int8=False, probe_pairs=PAIRS[:2])
+    assert (export_copy / FP32_FILE).stat().st_mtime_ns != before  # traced again
+    stored = {p.key: p.value for p in onnx.load(str(export_copy / FP32_FILE)).metadata_props}
+    assert stored[META_GRAPH_REVISION] == GRAPH_REVISION
 
 
 # -- numbers ---------------------------------------------------------------------------------------

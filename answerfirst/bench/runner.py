@@ -229,10 +229,10 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
               "gguf": (*GGUF_QUANTS, *(q + "-rank" for q in GGUF_QUANTS))}[kind]
     if has_manifest(out):
         try:
-            manifest = Manifest.read(out)
-            names = {v.name.lower() for v in manifest.variants}
-            if manifest.source.get("sha256") == digest and set(wanted) <= names:
+            stale = stale_export(Manifest.read(out), kind, digest, wanted)
+            if stale is None:
                 return out
+            progress(f"re-exporting {out}: {stale}")
         except ManifestError as e:
             logger.warning("re-exporting %s: %s", out, e)
     progress(f"exporting {checkpoint} to {kind} in {out} (once; later runs reuse it)")
@@ -252,6 +252,20 @@ def export_dir(kind: str, checkpoint: Path, config: BenchConfig, progress: Calla
         raise RuntimeError(f"exporting {checkpoint} to {kind} failed (command: {' '.join(command)})")
     progress(f"exported {kind} in {time.perf_counter() - started:.0f} s" + (" (no variant passed parity)" if written else ""))
     return out
+
+
+def stale_export(manifest: Any, kind: str, digest: str, wanted: tuple[str, ...]) -> str | None:
+    """Why a cached export cannot stand for this checkpoint and this exporter, or None if it can."""
+    from answerfirst.export.onnx import GRAPH_REVISION
+
+    if manifest.source.get("sha256") != digest:
+        return "it was exported from other weights"
+    missing = set(wanted) - {v.name.lower() for v in manifest.variants}
+    if missing:
+        return f"it lacks variant(s) {', '.join(sorted(missing))}"
+    if kind in ("onnx", "openvino") and manifest.info.get("graph_revision") != GRAPH_REVISION:
+        return f"its graph is revision {manifest.info.get('graph_revision', '1')}, this exporter writes {GRAPH_REVISION}"
+    return None
 
 
 def find_variant(directory: Path, key: str) -> str:

@@ -83,6 +83,13 @@ GRADE_HEAD = "grade_head"  # the (H, K) grade rows of the output head: kept fp32
 # cannot hold a message over 2 GiB, and onnxruntime maps a .data file instead of parsing a second
 # in-memory copy (Qwen3-0.6B int8: 0.46 GB RSS after load vs 2.0 GB from one 1 GB .onnx file).
 EXTERNAL_DATA_THRESHOLD = 32 * 2**20
+# Which graph this exporter writes for given weights. GRAPH_VERSION is the contract the runtime reads
+# (inputs, outputs, metadata); the revision changes when the graph inside it does, so that a cached
+# graph (_reusable) or a cached export (`make bench`: bench/runner.py: export_dir) made by an earlier
+# exporter is made again. Recorded in each graph's metadata and its manifest's info.
+# 2: cos/sin of rank 4, which OpenVINO's rotary fusion matches.
+GRAPH_REVISION = "2"
+META_GRAPH_REVISION = "answerfirst.graph_revision"
 # Parity thresholds (README "Export" lists every variant's, with what they rest on). fp32 differs from
 # torch by float summation order only. int8's max |dp| bound: a healthy int8 export of a learned
 # student (3 layers, hidden 128, held-out accuracy 0.48; 128 probe pairs) measured 0.128 per-channel
@@ -539,6 +546,7 @@ def write_manifest(
     written last: a manifest names only complete files (with their sizes and sha256, the tokenizer's
     included). files: the files of one variant's graph."""
     tokenizer_files = [Path(f).name for f in prompts.tokenizer.save_pretrained(out)]
+    info["graph_revision"] = GRAPH_REVISION
     info["probe_pairs"] = [list(p) for p in pairs]
     info["student_info"] = {k: v for k, v in (student_manifest.info if student_manifest else {}).items() if k != "probe_pairs"}
     manifest = Manifest(kind=kind, format=prompts.format, grade_token_ids=prompts.grade_ids,
@@ -577,6 +585,7 @@ def graph_metadata(model: Any, grade_ids: Sequence[int], sha: str) -> dict[str, 
     shape = Qwen3Shape.from_config(model.config)
     return {
         META_GRAPH_VERSION: GRAPH_VERSION,
+        META_GRAPH_REVISION: GRAPH_REVISION,
         META_GRADE_IDS: json.dumps(list(grade_ids)),
         META_LAYERS: str(shape.num_hidden_layers),
         META_KV_HEADS: str(shape.num_key_value_heads),
@@ -644,7 +653,7 @@ class _Steps:
 
 def _reusable(path: Path, metadata: dict[str, str], force: bool) -> bool:
     """A graph from an interrupted or earlier run is reused only when its metadata (weights hash,
-    quantization, graph version) match and onnxruntime can load it."""
+    quantization, graph version and revision) match and onnxruntime can load it."""
     if force or not path.is_file():
         return False
     try:
