@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/odd_spans.py artifacts/bench/exports/*/openvino
     .venv/bin/python bench/odd_spans.py artifacts/bench/exports/*/openvino --variant int8 --repeats 5
+    .venv/bin/python bench/odd_spans.py artifacts/bench/exports/*/onnx --variant int8   # onnxruntime, for comparison
 
 First the kernel: attention's probabilities @ V as the scoring graph computes it against the prefix,
 (3, 8, 2, 156, P) @ (1, 8, 1, P, 128), compiled alone by the CPU plugin under the backend's settings
 (runtime/_openvino.py: compile_config), for prefix lengths P around W's; the plugin's own time for the
 MatMul is printed. Then the export on workload W (one query x 32 documents, as `make bench` builds
 it), timed with even_spans off and on, interleaved, and the largest difference of their expected
-grades. On a CPU where the plugin computes in f32 the backend leaves even_spans off.
+grades. On a CPU where the plugin computes in f32 the backend leaves even_spans off; an ONNX export
+(onnxruntime, even_spans off by default) is timed the same way, to show what the split does there.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def matmul_ms(prefix: int, repeats: int = 20) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("export", help="an OpenVINO export directory (make bench caches one)")
+    parser.add_argument("export", help="an OpenVINO (or ONNX) export directory (make bench caches them)")
     parser.add_argument("--variant", default="int8-static")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed W queries per setting")
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from answerfirst.bench.workload import workload_w
 
     scorer = answerfirst.load(args.export, variant=args.variant, threads=args.threads)
-    print(f"{args.export} {args.variant}: compute {scorer.backend.session.precision}, even_spans {scorer.backend.even_spans}")
+    compute = getattr(scorer.backend.session, "precision", "onnxruntime's")
+    print(f"{args.export} {args.variant}: compute {compute}, even_spans {scorer.backend.even_spans}")
     for prefix in (124, 125, 126, 127, 128, 150, 155):
         print(f"probabilities @ V, prefix {prefix}: {matmul_ms(prefix):.2f} ms")
 
