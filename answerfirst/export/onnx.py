@@ -160,8 +160,8 @@ def _scoring_graph_class() -> type:
             positions = torch.arange(seq, dtype=torch.int64) + past_len  # (T,)
             freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, d/2)
             angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-            # (1, 1, T, d), as rank-4 as q and k: OpenVINO's CPU plugin then fuses the rotary chain into
-            # one RoPE node (with (T, d) it ran as ten ops a layer; bench/export_ab.py measures the change)
+            # (1, 1, T, d): rank 4 like q and k, so OpenVINO's CPU plugin fuses each rotary chain into one
+            # RoPE node (with (T, d) it ran as ten ops a layer; bench/export_ab.py measures the change)
             cos, sin = angles.cos()[None, None] * self.rope_scaling, angles.sin()[None, None] * self.rope_scaling
             # (T, T) additive causal mask among the new tokens; every past token is visible to all.
             # Finite (not -inf) so pad rows stay finite; a row always sees itself, so no row is all-masked.
