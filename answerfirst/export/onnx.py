@@ -87,8 +87,9 @@ EXTERNAL_DATA_THRESHOLD = 32 * 2**20
 # (inputs, outputs, metadata); the revision changes when the graph inside it does, so that a cached
 # graph (_reusable) or a cached export (`make bench`: bench/runner.py: export_dir) made by an earlier
 # exporter is made again. Recorded in each graph's metadata and its manifest's info.
-# 2: cos/sin of rank 4, which OpenVINO's rotary fusion matches.
-GRAPH_REVISION = "2"
+# 2: cos/sin of rank 4, which OpenVINO's rotary fusion matches. 3: OpenVINO's static int8 gathers the
+# embedding's int8 rows (export/openvino.py: embedding_lookup_on_int8_rows).
+GRAPH_REVISION = "3"
 META_GRAPH_REVISION = "answerfirst.graph_revision"
 # Parity thresholds (README "Export" lists every variant's, with what they rest on). fp32 differs from
 # torch by float summation order only. int8's max |dp| bound: a healthy int8 export of a learned
