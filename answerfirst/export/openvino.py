@@ -256,12 +256,14 @@ def embedding_lookup_on_int8_rows(graph: Any) -> None:
             table = table.input_value(0).get_node()
         if not chain or table.get_type_name() != "Constant" or table.get_element_type().get_type_name() not in ("u8", "i8"):
             continue
+        ids, axis = gather.input_value(1), gather.input_value(2)
         rows_count = table.get_output_shape(0)[0]
         per_row = [step.get_input_partial_shape(1) for step in chain if step.get_type_name() != "Convert"]
-        if not all(shape.rank.get_length() == 2 and shape[0].get_length() == rows_count and shape[1].get_length() == 1
-                   for shape in per_row if shape.is_static):
-            continue  # only a per-row scale (and zero point) can be gathered with the rows
-        ids, axis = gather.input_value(1), gather.input_value(2)
+        if axis.get_node().get_type_name() != "Constant" or int(axis.get_node().get_data()) != 0 or not all(
+            shape.is_static and shape.rank.get_length() == 2 and shape[0].get_length() == rows_count and shape[1].get_length() == 1
+            for shape in per_row
+        ):
+            continue  # only rows (axis 0) with a per-row scale and zero point can be gathered so
         f32 = gather.get_output_element_type(0)
         rows = ops.convert(ops.gather(table, ids, axis), f32)  # (B, T, H)
         for step in reversed(chain):  # from the table outwards: Convert, Subtract zero point, Multiply scale, Convert
