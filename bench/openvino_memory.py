@@ -68,17 +68,16 @@ BYTES = {"f32": 4, "i32": 4, "i64": 8, "bf16": 2, "f16": 2, "i8": 1, "u8": 1, "b
 def print_constants(compiled) -> None:
     """The compiled model's constants (its runtime graph's Const nodes) of over 50 MB, and the total
     per precision."""
+    from answerfirst.runtime._openvino import compiled_layers
+
     totals: dict[str, float] = {}
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        shape = op.get_output_partial_shape(0)
-        if str(info["layerType"].astype(str)) != "Const" or not shape.is_static:
+    for layer in compiled_layers(compiled):
+        if layer.kind != "Const" or layer.shape is None:
             continue
-        precision = str(info["outputPrecisions"].astype(str))
-        megabytes = math.prod(d.get_length() for d in shape) * BYTES.get(precision, 4) / 1e6
-        totals[precision] = totals.get(precision, 0.0) + megabytes
+        megabytes = math.prod(layer.shape) * BYTES.get(layer.precision, 4) / 1e6
+        totals[layer.precision] = totals.get(layer.precision, 0.0) + megabytes
         if megabytes > 50:
-            print(f"constant {op.get_friendly_name()} {shape} {precision}: {megabytes:.0f} MB")
+            print(f"constant {layer.name} {list(layer.shape)} {layer.precision}: {megabytes:.0f} MB")
     print("constants per precision: " + ", ".join(f"{p} {mb:.0f} MB" for p, mb in sorted(totals.items()) if mb >= 1))
 
 

@@ -240,12 +240,12 @@ def test_the_cpu_plugin_runs_each_rotary_embedding_as_one_node(openvino_export):
     add chain (which a (T, d) cos/sin left in place, ten ops a layer)."""
     import openvino as ov
 
-    from answerfirst.runtime._openvino import compile_config
+    from answerfirst.runtime._openvino import compile_config, compiled_layers
 
     layers = answerfirst.load(openvino_export, threads=1).backend.num_layers
     for variant in Manifest.read(openvino_export).variants:
         compiled = ov.Core().compile_model(str(openvino_export / variant.file), "CPU", compile_config(1, features()))
-        kinds = [str(op.get_rt_info()["layerType"].astype(str)) for op in compiled.get_runtime_model().get_ordered_ops()]
+        kinds = [layer.kind for layer in compiled_layers(compiled)]
         assert kinds.count("RoPE") == 2 * layers, (variant.name, sorted(set(kinds)))
 
 
@@ -256,18 +256,14 @@ def test_static_int8_holds_the_embedding_table_in_int8(openvino_export):
     622 MB at Qwen3-0.6B; f32 on this tiny model too)."""
     import openvino as ov
 
-    from answerfirst.runtime._openvino import compile_config
+    from answerfirst.runtime._openvino import compile_config, compiled_layers
 
     static = ov.Core().read_model(str(openvino_export / "score_int8_static.xml"))
     tables = [op.input_value(0).get_node() for op in static.get_ordered_ops() if op.get_type_name() == "Gather"
               and op.input_value(0).get_node().get_type_name() == "Constant"
               and op.get_input_element_type(0).get_type_name() in ("u8", "i8") and len(op.get_input_shape(0)) == 2]
     assert len(tables) == 1, "the embedding is not gathered from its int8 table"
-    shape = list(tables[0].get_output_shape(0))
+    shape = tuple(tables[0].get_output_shape(0))
     compiled = ov.Core().compile_model(static, "CPU", compile_config(1, features()))
-    held = set()
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info, dims = op.get_rt_info(), op.get_output_partial_shape(0)
-        if str(info["layerType"].astype(str)) == "Const" and dims.is_static and [d.get_length() for d in dims] == shape:
-            held.add(str(info["outputPrecisions"].astype(str)))
+    held = {layer.precision for layer in compiled_layers(compiled) if layer.kind == "Const" and layer.shape == shape}
     assert held == {tables[0].get_element_type().get_type_name()}, held

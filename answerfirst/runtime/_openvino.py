@@ -157,6 +157,27 @@ def open_graph(path: Path, threads: int | None, cpu: CpuFeatures | None = None, 
     return CompiledGraph(model, compiled, threads, profile)
 
 
+@dataclass(frozen=True)
+class Layer:
+    """One node of a compiled model as the CPU plugin runs it: its layer type ("FullyConnected",
+    "RoPE", "Const", ...), output precision and static output shape (None where dynamic)."""
+
+    name: str
+    kind: str
+    precision: str
+    shape: tuple[int, ...] | None
+
+
+def compiled_layers(compiled: Any) -> list[Layer]:
+    """The nodes of a compiled model (core.compile_model(...)) after the plugin's transformations."""
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info, dims = op.get_rt_info(), op.get_output_partial_shape(0)
+        shape = tuple(d.get_length() for d in dims) if dims.is_static else None
+        layers.append(Layer(op.get_friendly_name(), str(info["layerType"].astype(str)), str(info["outputPrecisions"].astype(str)), shape))
+    return layers
+
+
 def graph_files(path: Path) -> list[str]:
     """The files a graph reads: an IR's .xml and .bin, an ONNX graph and its .data."""
     if path.suffix == ".xml":
@@ -195,6 +216,7 @@ def open_openvino(
 
 
 __all__ = [
-    "CompiledGraph", "OpenVinoBackend", "compile_config", "graph_files", "import_openvino", "inference_precision",
+    "CompiledGraph", "Layer", "OpenVinoBackend", "compile_config", "compiled_layers", "graph_files", "import_openvino",
+    "inference_precision",
     "open_graph", "open_openvino",
 ]
