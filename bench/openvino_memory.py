@@ -5,6 +5,7 @@
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static --constants
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --set '{"INFERENCE_PRECISION_HINT": "f32"}'
     .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static --bench-sequence
+    .venv/bin/python bench/openvino_memory.py artifacts/bench/exports/*/openvino --variant int8-static --bench-sequence --without pin
 
 Loads the export's int8 variant, or --variant's (its compile settings from runtime/_openvino.py: compile_config, with
 --set's entries on top), then scores one document and two queries of 32 product-word documents
@@ -14,7 +15,10 @@ words each (W-like in size, not W). Run one setting per process: the peak never 
 --constants also lists the compiled model's constants of over 50 MB and the constants' total size
 per precision, as the CPU plugin holds them after the compile. --bench-sequence scores what one
 `make bench` worker scores instead, in its order: the warm-up (W's first 4 documents with prefix
-reuse, then without), then W with reuse and W without, each call timed.
+reuse, then without), then W with reuse and W without, each call timed. --without leaves out one of
+the backend's two memory steps (runtime/_memory.py), to measure what it saves: `pin` (glibc's mmap
+threshold is left free to rise) or `release` (the weight file's pages stay mapped after the first
+inference).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--constants", action="store_true", help="list the compiled model's large constants")
     parser.add_argument("--batch-tokens", type=int, default=None, help="ScorerConfig.batch_tokens (default: the backend's, 1024 on a CPU)")
     parser.add_argument("--bench-sequence", action="store_true", help="score make bench's sequence of calls on W instead")
+    parser.add_argument("--without", action="append", choices=("pin", "release"), default=[],
+                        help="leave out a memory step of the backend (repeatable)")
     args = parser.parse_args(argv)
 
     import answerfirst
@@ -51,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     extra = json.loads(args.set)
     backend_config = _openvino.compile_config
     _openvino.compile_config = lambda threads, cpu: {**backend_config(threads, cpu), **extra}
+    if "pin" in args.without:
+        _openvino.pin_mmap_threshold = lambda: False
     scorer = answerfirst.load(args.export, variant=args.variant, config=ScorerConfig(batch_tokens=args.batch_tokens))
+    if "release" in args.without:
+        scorer.backend.session.mapped = []
     if args.constants:
         print_constants(scorer.backend.session.compiled)
-    label = f"variant {args.variant}, settings {extra}"
+    label = f"variant {args.variant}, settings {extra}, without {args.without or 'nothing'}"
     if args.bench_sequence:
         score_bench_sequence(scorer, label)
     else:

@@ -33,12 +33,13 @@ RUNTIME_IMPORTS = {
     "answerfirst.runtime._common": set(),
     "answerfirst.runtime._tokenizer": set(),
     "answerfirst.runtime._cpu": set(),
+    "answerfirst.runtime._memory": set(),
     "answerfirst.runtime._torch": {"answerfirst.runtime._common", "answerfirst.runtime._cpu"},
     "answerfirst.runtime._onnx": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
     "answerfirst.runtime._llamacpp": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._tokenizer"},
     # OpenVINO runs the ONNX adapter's graph and scoring logic on another engine
-    "answerfirst.runtime._openvino": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._onnx",
-                                      "answerfirst.runtime._tokenizer"},
+    "answerfirst.runtime._openvino": {"answerfirst.runtime._common", "answerfirst.runtime._cpu", "answerfirst.runtime._memory",
+                                      "answerfirst.runtime._onnx", "answerfirst.runtime._tokenizer"},
 }
 # What code outside runtime/ may use of `scorer.backend`: the Backend protocol (runtime/_common.py),
 # plus the torch adapter's documented `model` and `device` (label's trace generation, the ONNX

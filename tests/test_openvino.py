@@ -4,6 +4,7 @@ kernel choice by CPU flags, and clear errors. Tiny models built here."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,26 @@ def test_static_int8_holds_the_embedding_table_in_int8(openvino_export):
     compiled = ov.Core().compile_model(static, "CPU", compile_config(1, features()))
     held = {layer.precision for layer in compiled_layers(compiled) if layer.kind == "Const" and layer.shape == shape}
     assert held == {tables[0].get_element_type().get_type_name()}, held
+
+
+def test_the_weight_files_pages_are_handed_back_after_the_first_inference(openvino_export, monkeypatch):
+    """The plugin repacks the weights on its first inference; after it the .bin's mapped pages are
+    released (runtime/_memory.py), once. The pages read back are the file's: the scores are those of
+    a scorer whose pages were never released."""
+    from answerfirst.runtime import _openvino
+
+    kept = answerfirst.load(openvino_export, threads=1)
+    kept.backend.session.mapped = []  # this one never releases
+    expected = as_array(kept.score(QUERY, DOCS))
+
+    released = []
+    release = _openvino.release_mapped_pages
+    monkeypatch.setattr(_openvino, "release_mapped_pages", lambda files: released.append(list(files)) or release(files))
+    scorer = answerfirst.load(openvino_export, threads=1)
+    weights = openvino_export / Path(scorer.backend.artifact).with_suffix(".bin").name
+    assert weights.exists() and weights in scorer.backend.session.mapped
+    first = as_array(scorer.score(QUERY, DOCS))
+    assert len(released) == 1 and weights in released[0]
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(as_array(scorer.score(QUERY, DOCS)), expected)
+    assert len(released) == 1

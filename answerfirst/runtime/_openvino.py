@@ -28,6 +28,7 @@ from answerfirst.artifact import Manifest, ManifestError, bind_format, check_fil
 from answerfirst.extras import missing_extra
 from answerfirst.runtime._common import ScorerConfig
 from answerfirst.runtime._cpu import CpuFeatures, features
+from answerfirst.runtime._memory import pin_mmap_threshold, release_mapped_pages
 from answerfirst.runtime._onnx import OnnxBackend, check_graph_matches_manifest
 from answerfirst.runtime._tokenizer import ArtifactTokenizer
 
@@ -83,10 +84,14 @@ class _Options:
 class CompiledGraph:
     """An OpenVINO compiled model seen through the onnxruntime-session calls OnnxBackend makes
     (run, get_inputs, get_outputs, get_modelmeta, get_session_options): one backend, two engines.
-    Not thread-safe by itself, like the onnxruntime session: the Scorer's callers share it the same way."""
+    Not thread-safe by itself, like the onnxruntime session: the Scorer's callers share it the same way.
 
-    def __init__(self, model: Any, compiled: Any, threads: int | None, profile: bool = False):
+    mapped: the files the plugin maps its weights from. Its first inference repacks the weights into
+    buffers of its own; after it the files' pages are handed back (runtime/_memory.py: 0.5 GB at 0.6B)."""
+
+    def __init__(self, model: Any, compiled: Any, threads: int | None, profile: bool = False, mapped: Sequence[Path] = ()):
         self.compiled = compiled
+        self.mapped = list(mapped)
         self.request = compiled.create_infer_request()
         precision = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "bf16" / "f32"
         self.precision = precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)
@@ -107,6 +112,9 @@ class CompiledGraph:
     def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         results = self.request.infer(feeds)
         self.runs += 1
+        if self.runs == 1 and self.mapped:
+            released = release_mapped_pages(self.mapped)
+            logger.debug("openvino: weights repacked; %d bytes of mapped weight files released", released)
         if self.kernel_times is not None:
             self.kernel_times.extend((f"{node.node_type} [{node.exec_type}]", node.real_time.total_seconds())
                                      for node in self.request.profiling_info if node.status.name == "EXECUTED")
@@ -139,8 +147,11 @@ class OpenVinoBackend(OnnxBackend):
 
 def open_graph(path: Path, threads: int | None, cpu: CpuFeatures | None = None, profile: bool = False) -> CompiledGraph:
     """Read an IR (.xml) or ONNX graph and compile it for this CPU; an unreadable file is a ManifestError.
-    profile: the plugin times every node of every run (CompiledGraph.kernel_times; answerfirst profile)."""
+    profile: the plugin times every node of every run (CompiledGraph.kernel_times; answerfirst profile).
+    Pins glibc's mmap threshold first (runtime/_memory.py): the plugin's per-shape buffers are then
+    returned to the system when freed instead of piling up in the heap."""
     ov = import_openvino()
+    pin_mmap_threshold()
     core = ov.Core()
     config = compile_config(threads, cpu or features())
     if profile:
@@ -154,7 +165,7 @@ def open_graph(path: Path, threads: int | None, cpu: CpuFeatures | None = None, 
             f"{path} could not be loaded by OpenVINO ({first}); the file is corrupted, truncated or not an "
             "answerfirst graph: re-run `answerfirst export openvino`"
         ) from None
-    return CompiledGraph(model, compiled, threads, profile)
+    return CompiledGraph(model, compiled, threads, profile, mapped=[path.parent / name for name in graph_files(path)])
 
 
 @dataclass(frozen=True)
