@@ -8,8 +8,9 @@ README "OpenVINO memory"): 2.81 GB with neither step below, 1.96 GB with the fir
 - glibc's allocator raises its mmap threshold (up to 32 MiB) each time a mapped block is freed,
   after which blocks of that size come from the heap arenas, where they stay resident once freed.
   The CPU plugin allocates a buffer again whenever a new input shape needs it larger (freeing the
-  old one), so the heap grew with the shapes seen. `pin_mmap_threshold` fixes the threshold (once per process; a MALLOC_MMAP_THRESHOLD_
-  the user set wins): large blocks are mapped, and unmapped when freed.
+  old one), so the heap grew with the shapes seen. `pin_mmap_threshold` fixes the threshold (once
+  per process; a MALLOC_MMAP_THRESHOLD_ the user set wins): large blocks are mapped, and unmapped
+  when freed.
 - The plugin repacks the int8 weights into buffers of its own at the first inference, reading them
   from the IR's .bin, which it maps read-only; the pages it read (0.43 GB) stay counted in the RSS
   though nothing reads them again. `release_mapped_pages` hands a file's mapped pages back (the

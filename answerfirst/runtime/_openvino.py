@@ -87,7 +87,7 @@ class CompiledGraph:
     Not thread-safe by itself, like the onnxruntime session: the Scorer's callers share it the same way.
 
     mapped: the files the plugin maps its weights from. Its first inference repacks the weights into
-    buffers of its own; after it the files' pages are handed back (runtime/_memory.py: 0.5 GB at 0.6B)."""
+    buffers of its own; after it the files' pages are handed back (runtime/_memory.py: 0.43 GB at 0.6B)."""
 
     def __init__(self, model: Any, compiled: Any, threads: int | None, profile: bool = False, mapped: Sequence[Path] = ()):
         self.compiled = compiled
