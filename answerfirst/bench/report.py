@@ -99,8 +99,8 @@ def markdown(results: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
         "× floor: p50 over the compute floor of W "
         f"({floor['useful_gflop']:.3g} useful GFLOP; the best of {len(floor.get('measurements', [])) or 1} "
         f"rate measurements: {floor['fp32_gflops']:.3g} GFLOP/s fp32 -> "
-        f"{floor['seconds']['fp32']:.2f} s, {floor['int8_gops']:.3g} GOP/s int8 (the faster of torch._int_mm and "
-        f"onnxruntime's MatMulInteger) -> {floor['seconds']['int8']:.2f} s; bf16 {floor.get('bf16_gflops') or 0:.3g} GFLOP/s"
+        f"{floor['seconds']['fp32']:.2f} s, {floor['int8_gops']:.3g} GOP/s int8 ({int8_kernels_line(floor)}) -> "
+        f"{floor['seconds']['int8']:.2f} s; bf16 {floor.get('bf16_gflops') or 0:.3g} GFLOP/s"
         + (f" -> {floor['seconds']['bf16']:.2f} s" if "bf16" in floor["seconds"] else " for the record")
         + "; F16 is held to the fp32 floor, bf16 to the bf16 one, int8/Q8_0/Q4_K_M to the int8 one). Agreement / Spearman: grade argmax and "
         "expected grade vs torch fp32 on the same pairs.",
@@ -119,6 +119,20 @@ def markdown(results: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
             lines.append(f"- skipped (time budget or limits): {', '.join(curves['skipped'])}")
     lines += ["", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     return "\n".join(lines)
+
+
+def int8_kernels_line(floor: dict[str, Any]) -> str:
+    """Which int8 GEMMs the floor's rate is the best of, fastest named with its rate, from the rate
+    measurements the results recorded (a JSON from before they were recorded names the two of then)."""
+    best: dict[str, float] = {}
+    for measurement in floor.get("measurements", []):
+        for name, rate in measurement.get("int8_kernels_gops", {}).items():
+            best[name] = max(best.get(name, 0.0), rate)
+    if not best:
+        return "the faster of torch._int_mm and onnxruntime's MatMulInteger"
+    ranked = sorted(best, key=best.get, reverse=True)
+    others = ", ".join(f"{name} {best[name]:.3g}" for name in ranked[1:])
+    return f"{ranked[0]}, the fastest of the int8 GEMMs measured; the others' GOP/s: {others}" if others else ranked[0]
 
 
 def targets(results: dict[str, Any]) -> list[str]:

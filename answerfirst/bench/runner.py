@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from answerfirst.bench.flops import ModelShape, floor_seconds, matmul_throughput, useful_flops
+from answerfirst.bench.flops import ModelShape, floor_seconds, int8_kernels, matmul_throughput, useful_flops
 from answerfirst.bench.workload import Workload, build_workload, workload_w
 
 logger = logging.getLogger(__name__)
@@ -551,14 +551,13 @@ def _run_main_phase(config, workload, results, workers, deadline, progress) -> N
 def _measure_rates(config, shape, workload, when: str) -> dict[str, Any]:
     """This machine's matmul throughput at the model's shapes, rows = one batch of continuations
     (`when` labels the measurement in the results): fp32, bf16 (the torch-bf16 contender's floor), and
-    int8 as the faster of torch._int_mm and onnxruntime's MatMulInteger (on an AMX Xeon onnxruntime's
-    int8 GEMM outran torch's, so torch's alone would set a floor our own kernels pass)."""
-    from answerfirst.bench.flops import onnxruntime_int8_throughput
+    int8 as the fastest of the int8 GEMMs this environment ships (flops.py: int8_kernels): a floor set by a
+    slower kernel than the machine has would be one our own kernels could pass."""
+    from answerfirst.runtime._cpu import features
 
     rows = min(config.batch_size, len(workload.docs)) * int(np.mean(workload.continuation_lens))
     rates = {dtype: matmul_throughput(shape, rows, dtype, config.all_threads) for dtype in ("fp32", "bf16")}
-    int8 = {"torch._int_mm": matmul_throughput(shape, rows, "int8", config.all_threads),
-            "onnxruntime MatMulInteger": onnxruntime_int8_throughput(shape, rows, config.all_threads)}
+    int8 = {name: measure(shape, rows, config.all_threads) for name, measure in int8_kernels(features().fast_bf16).items()}
     return {"when": when, "rows": rows, **rates, "int8": max(int8.values()), "loadavg": os.getloadavg()[0],
             "int8_kernels": {name: rate / 1e9 for name, rate in int8.items()}}
 
