@@ -93,9 +93,8 @@ def _relative_gap(graph, feed) -> float:
 def test_static_variant_quantizes_the_linear_layers_and_int8_kernels_compute_its_graph(openvino_export, tiny_onnx_export):
     """int8-static: FakeQuantize on the activations of the decoder's linear layers (not attention's,
     not the heads'), calibrated on the pairs the manifest names; the CPU plugin's int8 kernels give
-    what the quantized graph means. With the attention mask as traced (Convert(bool) * lowest float)
-    they do not: the low-precision transformations take it for a dequantization and wipe the
-    attention scores out, which attention_mask_as_select prevents."""
+    what the quantized graph means, with the attention mask rewritten (attention_mask_as_select) and
+    as traced."""
     import openvino as ov
 
     from answerfirst.export.openvino import calibration_feeds, scoring_graph, static_int8
@@ -121,9 +120,11 @@ def test_static_variant_quantizes_the_linear_layers_and_int8_kernels_compute_its
     # int8 kernels against f32 FakeQuantize: rounding (measured 0.07 of the largest value here)
     assert _relative_gap(static, document_pass) < 0.15
 
+    # Graph revision 4 concatenates and tiles the mask before adding it to the scores, which the
+    # transformations leave alone even as traced (measured 0.08); revisions 1-3 added it to the score
+    # blocks directly, and as traced there it measured 0.57: the attention scores were lost
     as_traced = static_int8(scoring_graph(tiny_onnx_export / "score_fp32.onnx", mask_as_select=False), feeds)
-    gap = _relative_gap(as_traced, document_pass)
-    assert gap > 0.3, gap  # measured 0.57: the attention scores were lost
+    assert _relative_gap(as_traced, document_pass) < 0.15
 
 
 def test_calibration_pairs_come_from_the_given_file_else_the_training_data_else_the_probe_pairs(tmp_path):

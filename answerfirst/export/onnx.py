@@ -88,8 +88,9 @@ EXTERNAL_DATA_THRESHOLD = 32 * 2**20
 # graph (_reusable) or a cached export (`make bench`: bench/runner.py: export_dir) made by an earlier
 # exporter is made again. Recorded in each graph's metadata and its manifest's info.
 # 2: cos/sin of rank 4, which OpenVINO's rotary fusion matches. 3: OpenVINO's static int8 gathers the
-# embedding's int8 rows (export/openvino.py: embedding_lookup_on_int8_rows).
-GRAPH_REVISION = "3"
+# embedding's int8 rows (export/openvino.py: embedding_lookup_on_int8_rows). 4: attention is one
+# MatMul-Softmax-MatMul over the prefix's and the new tokens' keys, query heads folded into rows.
+GRAPH_REVISION = "4"
 META_GRAPH_REVISION = "answerfirst.graph_revision"
 # Parity thresholds (README "Export" lists every variant's, with what they rest on). fp32 differs from
 # torch by float summation order only. int8's max |dp| bound: a healthy int8 export of a learned
@@ -164,16 +165,19 @@ def _scoring_graph_class() -> type:
             # (1, 1, T, d): rank 4 like q and k, so OpenVINO's CPU plugin fuses each rotary chain into one
             # RoPE node (with (T, d) it ran as ten ops a layer; bench/export_ab.py measures the change)
             cos, sin = angles.cos()[None, None] * self.rope_scaling, angles.sin()[None, None] * self.rope_scaling
-            # (T, T) additive causal mask among the new tokens; every past token is visible to all.
-            # Finite (not -inf) so pad rows stay finite; a row always sees itself, so no row is all-masked.
+            # Additive mask over the prefix's and the new tokens' keys: every past token is visible to all,
+            # the new ones causally. Finite (not -inf) so pad rows stay finite; a row always sees itself,
+            # so no row is all-masked. (g·T, P + T): one (T, P + T) block per query head of a kv head,
+            # the rows _decoder_layer folds them into.
             steps = torch.arange(seq, dtype=torch.int64)
-            causal = (steps[None, :] > steps[:, None]).float() * torch.finfo(torch.float32).min
+            causal = (steps[None, :] > steps[:, None]).float() * torch.finfo(torch.float32).min  # (T, T)
+            mask = torch.cat((causal.new_zeros(seq, past_len), causal), dim=1).repeat(self.num_heads // self.kv_heads, 1)
 
             hidden = self.embed(input_ids)  # (B, T, H)
             presents = []
             for i, layer in enumerate(self.layers):
                 past_k, past_v = past[2 * i], past[2 * i + 1]  # (1, kv, P, d)
-                hidden, k, v = _decoder_layer(self, layer, hidden, past_k, past_v, cos, sin, causal, (batch, seq, past_len))
+                hidden, k, v = _decoder_layer(self, layer, hidden, past_k, past_v, cos, sin, mask, (batch, seq))
                 # (N, kv, P+T, d) for the requested rows only; N = 0 while scoring
                 keep = kv_rows.shape[0]
                 presents.append(torch.cat((past_k.expand(keep, -1, -1, -1), k.index_select(0, kv_rows)), dim=2))
@@ -190,13 +194,13 @@ def _scoring_graph_class() -> type:
     return ScoringGraph
 
 
-def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, causal, sizes):
+def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, mask, sizes):
     """One decoder layer over the new tokens, attending to the shared prefix KV and causally to
-    themselves. Returns the new hidden states and this layer's K, V of the new tokens. `graph`: the
-    ScoringGraph (head counts, head_dim, scaling)."""
+    themselves (mask: ScoringGraph.forward's, (g·T, P + T)). Returns the new hidden states and this
+    layer's K, V of the new tokens. `graph`: the ScoringGraph (head counts, head_dim, scaling)."""
     import torch
 
-    batch, seq, past_len = sizes
+    batch, seq = sizes
     groups = graph.num_heads // graph.kv_heads
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
@@ -209,14 +213,15 @@ def _decoder_layer(graph, layer, hidden, past_k, past_v, cos, sin, causal, sizes
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
 
-    # GQA without repeat_kv: query head h reads kv head h // groups.
-    q5 = q.reshape(batch, graph.kv_heads, groups, seq, graph.head_dim)  # (B, kv, g, T, d)
-    scores_past = torch.matmul(q5, past_k.unsqueeze(2).transpose(-1, -2)) * graph.scaling  # (B, kv, g, T, P)
-    scores_new = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * graph.scaling + causal  # (B, kv, g, T, T)
-    weights = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1)
-    out = torch.matmul(weights[..., :past_len], past_v.unsqueeze(2)) + torch.matmul(
-        weights[..., past_len:], v.unsqueeze(2)
-    )  # (B, kv, g, T, d)
+    # GQA without repeat_kv: query head h reads kv head h // groups, so the g query heads of a kv head
+    # are folded into its rows, and attention is one rank-4 MatMul-Softmax-MatMul over the prefix's and
+    # the new tokens' keys: the pattern OpenVINO's CPU plugin runs as one fused kernel (README "Where
+    # OpenVINO static int8's time goes"). The prefix KV is expanded to the batch for this layer only.
+    rows = q.reshape(batch, graph.kv_heads, groups * seq, graph.head_dim)  # (B, kv, g·T, d)
+    keys = torch.cat((past_k.expand(batch, -1, -1, -1), k), dim=2)  # (B, kv, P + T, d)
+    values = torch.cat((past_v.expand(batch, -1, -1, -1), v), dim=2)
+    scores = torch.matmul(rows, keys.transpose(-1, -2)) * graph.scaling + mask  # (B, kv, g·T, P + T)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, kv, g·T, d)
     out = out.reshape(batch, graph.num_heads, seq, graph.head_dim).transpose(1, 2)
     hidden = hidden + _linear(attn.o_proj, out.reshape(batch, seq, graph.num_heads * graph.head_dim))
     mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
