@@ -149,8 +149,9 @@ def onednn_int8_throughput(shape: ModelShape, tokens: int, threads: int, out: st
     activations with a zero point × int8 weights prepacked into oneDNN's blocked layout, per-channel
     weight scales applied inside the kernel, `out` = "fp32" or "bf16" written) for one decoder
     layer's matmuls at `tokens` rows. Its epilogue writes the dequantized result, so no int32 matrix
-    goes through memory: on an AMX Xeon it outran onnxruntime's MatMulInteger by ~1.25x with a bf16
-    output (3.5 against 2.8 TOP/s at 2224 rows), so the floor takes it into its best."""
+    goes through memory: on an AMX Xeon it outran onnxruntime's MatMulInteger by ~1.3x with a bf16
+    output (3.6-3.7 against 2.8 TOP/s at 2224 rows, make bench 2026-12-05), so the floor takes it
+    into its best."""
     import torch
 
     if out not in ("fp32", "bf16"):

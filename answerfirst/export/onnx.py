@@ -9,9 +9,10 @@ vmap-built masks the TorchScript exporter cannot trace), exported with torch.onn
              next_token_logits (M, V)       full vocabulary, last real token, only for vocab_rows (decoding)
              present_key.i / present_value.i (N, kv_heads, P+T, head_dim), only for kv_rows
 
-B, T, P, N and M are dynamic. The prefix KV has batch 1 and is broadcast inside attention (a batched
-MatMul against (1, kv, 1, P, d)), so B documents continue one prefix without B copies of it; kv_rows
-and vocab_rows are empty while scoring, so neither the KV nor the vocabulary head costs anything then.
+B, T, P, N and M are dynamic. The prefix KV comes in once, with batch 1; each layer expands it to
+the B documents beside their own keys and values for its attention only (one MatMul-Softmax-MatMul,
+which OpenVINO fuses; _decoder_layer), so no copy of it outlives the layer. kv_rows and vocab_rows
+are empty while scoring, so neither the KV nor the vocabulary head costs anything then.
 
 int8 is dynamic quantization of every decoder linear layer (onnxruntime's DynamicQuantizeMatMul:
 int8 weights, activations quantized per call); the grade head, the embedding and the vocabulary head
