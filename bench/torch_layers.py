@@ -27,54 +27,16 @@ from typing import Any
 import numpy as np
 
 
-def decoder_layer(layer: Any, hidden, prefix_keys, prefix_values, cos, sin, mask, head_dim: int, grouped: bool):
-    """One Qwen3 decoder layer on its modules, as runtime/_torch.py: _decoder_pass runs it eagerly."""
-    import torch
-
-    from answerfirst.runtime._torch import _attention, _rotary
-
-    batch, seq = hidden.shape[:2]
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    q = attn.q_norm(attn.q_proj(x).view(batch, seq, -1, head_dim)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(batch, seq, -1, head_dim)).transpose(1, 2)
-    v = attn.v_proj(x).view(batch, seq, -1, head_dim).transpose(1, 2)
-    q, k = _rotary(q, k, cos, sin)
-    keys, values = k, v
-    if prefix_keys is not None:
-        keys = torch.cat((prefix_keys.expand(batch, -1, -1, -1), k), dim=2)
-        values = torch.cat((prefix_values.expand(batch, -1, -1, -1), v), dim=2)
-    out = _attention(q, keys, values, mask, attn.scaling, grouped)
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-    x = layer.post_attention_layernorm(hidden)
-    mlp = layer.mlp
-    return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)), k, v
-
-
 def compile_whole_layers() -> None:
-    """Make the torch backend run each layer as one compiled graph (until the process ends)."""
+    """Make the torch backend run each layer (runtime/_torch.py: _decoder_layer) as one compiled graph
+    (until the process ends). The graph fuses its elementwise steps itself, so it is compiled over
+    the eager steps: the FusedKernels the backend passes in are not used."""
     import torch
 
     from answerfirst.runtime import _torch
 
-    compiled = torch.compile(decoder_layer, dynamic=True)
-
-    def whole_pass(body, input_ids, prefix_kv, head_dim, grouped, fused=None, keep_kv=False):
-        batch, seq = input_ids.shape
-        past = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
-        hidden = body.embed_tokens(input_ids)
-        positions = torch.arange(past, past + seq, device=input_ids.device)[None]
-        cos, sin = (t[:, None] for t in body.rotary_emb(hidden, positions))
-        mask = _torch.prefix_causal_mask(seq, past, input_ids.device)
-        kept = []
-        for i, layer in enumerate(body.layers):
-            prefix_keys, prefix_values = (None, None) if prefix_kv is None else prefix_kv[i]
-            hidden, k, v = compiled(layer, hidden, prefix_keys, prefix_values, cos, sin, mask, head_dim, grouped)
-            if keep_kv:
-                kept.append((k, v))
-        return hidden, kept
-
-    _torch._decoder_pass = whole_pass
+    whole = torch.compile(_torch._decoder_layer, dynamic=True)
+    _torch._decoder_layer = lambda *args: whole(*args[:-1], None)  # the last argument: `fused`
 
 
 PACKED: list[Any] = []  # oneDNN-packed int8 weights; the compiled graph passes an index (a tensor) to them

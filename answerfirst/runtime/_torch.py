@@ -209,28 +209,40 @@ def _decoder_pass(
     positions = torch.arange(past, past + seq, device=input_ids.device)[None]  # (1, T)
     cos, sin = (t[:, None] for t in body.rotary_emb(hidden, positions))  # (1, 1, T, d): every row and head
     mask = prefix_causal_mask(seq, past, input_ids.device)
-    norm, rotary, gate = (_eager_norm, _rotary, _eager_gate) if fused is None else (fused.norm, fused.rotary, fused.gate)
     kept = []
     for i, layer in enumerate(body.layers):
-        attn = layer.self_attn
-        x = norm(layer.input_layernorm, hidden)
-        q = norm(attn.q_norm, attn.q_proj(x).view(batch, seq, -1, head_dim)).transpose(1, 2)  # (B, heads, T, d)
-        k = norm(attn.k_norm, attn.k_proj(x).view(batch, seq, -1, head_dim)).transpose(1, 2)  # (B, kv_heads, T, d)
-        v = attn.v_proj(x).view(batch, seq, -1, head_dim).transpose(1, 2)  # (B, kv_heads, T, d)
-        q, k = rotary(q, k, cos, sin)
+        prefix = None if prefix_kv is None else prefix_kv[i]
+        hidden, k, v = _decoder_layer(layer, hidden, prefix, cos, sin, mask, head_dim, grouped, fused)
         if keep_kv:
             kept.append((k, v))
-        if prefix_kv is not None:
-            # (B, kv_heads, P + T, d) for this layer only: freed before the next layer runs
-            prefix_keys, prefix_values = prefix_kv[i]
-            k = torch.cat((prefix_keys.expand(batch, -1, -1, -1), k), dim=2)
-            v = torch.cat((prefix_values.expand(batch, -1, -1, -1), v), dim=2)
-        out = _attention(q, k, v, mask, attn.scaling, grouped)  # (B, heads, T, d)
-        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-        x = norm(layer.post_attention_layernorm, hidden)
-        mlp = layer.mlp
-        hidden = hidden + mlp.down_proj(gate(mlp, mlp.gate_proj(x), mlp.up_proj(x)))
     return hidden, kept
+
+
+def _decoder_layer(
+    layer: Any, hidden: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None, cos: torch.Tensor,
+    sin: torch.Tensor, mask: Any, head_dim: int, grouped: bool, fused: FusedKernels | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer of _decoder_pass over (B, T, H) hidden states; prefix: its (keys, values), or None.
+    Returns the new hidden states and this layer's keys and values of the new tokens."""
+    batch, seq = hidden.shape[:2]
+    norm, rotary, gate = (_eager_norm, _rotary, _eager_gate) if fused is None else (fused.norm, fused.rotary, fused.gate)
+    attn = layer.self_attn
+    x = norm(layer.input_layernorm, hidden)
+    q = norm(attn.q_norm, attn.q_proj(x).view(batch, seq, -1, head_dim)).transpose(1, 2)  # (B, heads, T, d)
+    k = norm(attn.k_norm, attn.k_proj(x).view(batch, seq, -1, head_dim)).transpose(1, 2)  # (B, kv_heads, T, d)
+    v = attn.v_proj(x).view(batch, seq, -1, head_dim).transpose(1, 2)  # (B, kv_heads, T, d)
+    q, k = rotary(q, k, cos, sin)
+    keys, values = k, v
+    if prefix is not None:
+        # (B, kv_heads, P + T, d) for this layer only: freed before the next layer runs
+        keys = torch.cat((prefix[0].expand(batch, -1, -1, -1), k), dim=2)
+        values = torch.cat((prefix[1].expand(batch, -1, -1, -1), v), dim=2)
+    out = _attention(q, keys, values, mask, attn.scaling, grouped)  # (B, heads, T, d)
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    x = norm(layer.post_attention_layernorm, hidden)
+    mlp = layer.mlp
+    hidden = hidden + mlp.down_proj(gate(mlp, mlp.gate_proj(x), mlp.up_proj(x)))
+    return hidden, k, v
 
 
 def _eager_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
